@@ -1,0 +1,1 @@
+"""samdiffsr: SAM-DiffSR training, data and evaluation at cluster scale."""
