@@ -55,8 +55,9 @@ def extract_state_dict(ckpt: Any, path: str | Path = "?", prefer_ema: bool = Tru
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if ckpt.get("format") == WEIGHTS_FORMAT:
-        use_ema = prefer_ema and ckpt.get("ema")
-        state = ckpt["ema"] if use_ema else ckpt["model"]
+        use_ema = bool(prefer_ema and ckpt.get("ema"))
+        # The EMA covers the trainable weights only; everything else comes from the model entry.
+        state = {**ckpt["model"], **ckpt["ema"]} if use_ema else ckpt["model"]
         info.update(layout="samdiffsr", step=ckpt.get("step"), ema=bool(use_ema), config=ckpt.get("config"))
     elif "state_dict" in ckpt:
         inner = ckpt["state_dict"]
@@ -114,7 +115,10 @@ def load_rrdb_weights(rrdb: nn.Module, path: str | Path) -> dict[str, Any]:
 
 def save_weights(path: str | Path, model: nn.Module, *, ema: dict[str, torch.Tensor] | None = None,
                  step: int = 0, config: dict[str, Any] | None = None) -> None:
-    """Write a plain weights file (model + optional EMA, no optimizer), atomically."""
+    """Write a plain weights file (model + optional EMA, no optimizer), atomically.
+
+    ``ema`` maps state-dict keys of `model` (usually the trainable parameters only) to averaged values.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
