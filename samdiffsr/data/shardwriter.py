@@ -1,0 +1,291 @@
+"""The make_shards job: an image folder -> WebDataset shards, in parallel, in parts, resumable.
+
+    python launcher/make_shards.py --images DIR --out DIR (--masks DIR | --sam-checkpoint PATH | --masker NAME)
+    python launcher/make_shards.py                      # demo shards from scikit-image photos
+
+Order and determinism: the image list is sorted by relative path, then (tile mode) shuffled with ``--seed``
+so sources mix across shards; ``--num-parts P --part i`` takes the i-th contiguous slice of that order.
+Within a part, images are processed in that order (workers run ahead, results are consumed in order), so
+the part's shards are a pure function of the image list and the settings: a resumed run rewrites exactly
+what an uninterrupted one would, never a sample twice or none. See :mod:`samdiffsr.data.manifest` for the
+journal, part manifests and the merged ``sizes.json`` / ``manifest.json`` / ``report.json``.
+
+Exit codes (:data:`EXIT_CODES`): 0 done, nothing skipped; 1 done, bad inputs skipped (listed in
+``report.json``); 2 bad command line or an output folder that holds another run; 3 not finished (stopped
+by ``--stop-after``, or ``--merge`` with parts missing); 4 failed (worker error): rerun to resume;
+130 interrupted: rerun to resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from samdiffsr.data.images import find_images
+from samdiffsr.data.manifest import (
+    FORMAT,
+    Journal,
+    check_compatible,
+    merge_parts,
+    part_manifest,
+    shard_pattern,
+)
+from samdiffsr.data.samples import ImageJob, MaskSource
+from samdiffsr.data.tarshards import TMP_SUFFIX, ShardSink
+from samdiffsr.data.tiles import TileSpec
+from samdiffsr.data.workers import ordered_results
+
+EXIT_CODES = {0: "done", 1: "done, bad inputs skipped", 2: "usage or settings error",
+              3: "not finished", 4: "failed (rerun to resume)", 130: "interrupted (rerun to resume)"}
+
+
+class ShardError(ValueError):
+    """The job cannot start: no images, bad settings."""
+
+
+@dataclass
+class ShardSettings:
+    """One sharding run (one part of it). ``prefix`` None: ``train`` (tiles) or ``test`` (benchmark)."""
+
+    images: str
+    out: str
+    masks: MaskSource = field(default_factory=MaskSource)
+    spec: TileSpec = field(default_factory=TileSpec)
+    benchmark: bool = False
+    prefix: str | None = None
+    max_count: int = 512
+    max_size: int = 256_000_000
+    workers: int = 1
+    num_parts: int = 1
+    part: int = 0
+    seed: int = 0
+    stop_after: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.prefix or ("test" if self.benchmark else "train")
+
+    def content_settings(self, image_list_sha: str) -> dict[str, Any]:
+        """The settings that decide the shards' bytes (compared on resume and across parts)."""
+        spec = self.spec
+        tiling = {"scale": spec.scale} if self.benchmark else {
+            "scale": spec.scale, "tile": spec.tile, "step": spec.stride, "thresh": spec.thresh, "seed": self.seed}
+        return {"format": FORMAT, "mode": "benchmark" if self.benchmark else "tiles", "prefix": self.name,
+                **tiling, "masks": self.masks.describe(), "max_count": self.max_count, "max_size": self.max_size,
+                "num_parts": self.num_parts, "images": image_list_sha}
+
+
+@dataclass
+class ShardSummary:
+    """What a run did for its part (totals over resumed runs) and whether the dataset is merged."""
+
+    out: str
+    part: int
+    num_parts: int
+    images: int = 0
+    sharded: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    converted: int = 0
+    samples: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    resumed_at: int = 0
+    finished: bool = False
+    missing_parts: list[int] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.finished:
+            return 3
+        return 1 if self.skipped else 0
+
+    def line(self) -> str:
+        part = f" part {self.part}/{self.num_parts}" if self.num_parts > 1 else ""
+        state = "" if self.finished else " (not finished: rerun to resume)"
+        resumed = f", resumed at image {self.resumed_at}" if self.resumed_at else ""
+        return (f"{self.out}{part}: {self.images} images ({self.sharded} sharded, {len(self.skipped)} skipped, "
+                f"{self.converted} converted), {self.samples} tiles, {self.shards} shards, "
+                f"{self.seconds:.1f} s{resumed}{state}")
+
+
+def order_images(files: list[str], seed: int, benchmark: bool) -> list[str]:
+    """Sorted relative paths, shuffled by ``seed`` in tile mode (``seed < 0`` or benchmark: sorted)."""
+    files = sorted(files)
+    if benchmark or seed < 0:
+        return files
+    return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+
+
+def part_slice(n: int, part: int, num_parts: int) -> slice:
+    """The contiguous share of part ``part`` of ``n`` items (sizes differ by at most one)."""
+    return slice(n * part // num_parts, n * (part + 1) // num_parts)
+
+
+def _part_files_regex(pattern: str) -> re.Pattern:
+    head, tail = pattern.split("%06d")
+    return re.compile(re.escape(head) + r"\d{6,}" + re.escape(tail) + f"({re.escape(TMP_SUFFIX)})?")
+
+
+def _remove_part(out: Path, journal: Journal, pattern: str) -> None:
+    regex = _part_files_regex(pattern)
+    for path in out.iterdir():
+        if regex.fullmatch(path.name):
+            path.unlink()
+    for path in (journal.path, journal.manifest_path, out / "sizes.json", out / "manifest.json",
+                 out / "report.json"):
+        path.unlink(missing_ok=True)
+
+
+def _shared_json_targets(files: list[str], masks: MaskSource) -> dict[int, dict[str, str]]:
+    """Images whose mask JSON path collides with another image's (``a.png`` and ``a.jpg``): all skipped."""
+    if masks.kind == "none":
+        return {}
+    groups: dict[Path, list[int]] = {}
+    for i, rel in enumerate(files):
+        groups.setdefault(masks.json_path(rel), []).append(i)
+    bad = {}
+    for path, members in groups.items():
+        if len(members) > 1:
+            names = ", ".join(files[i] for i in members)
+            for i in members:
+                bad[i] = {"file": files[i], "reason": f"ambiguous mask JSON {path}: shared by {names}"}
+    return bad
+
+
+def make_shards(s: ShardSettings) -> ShardSummary:
+    """Shard part ``s.part`` of ``s.images`` into ``s.out``; merge the manifests when all parts are done."""
+    start = time.perf_counter()
+    if not 0 <= s.part < s.num_parts:
+        raise ShardError(f"--part must be in 0..{s.num_parts - 1}, got {s.part}")
+    files, ignored = find_images(s.images)
+    if not files:
+        raise ShardError(f"no images ({', '.join(('png', 'jpg', 'bmp', 'tif', 'webp'))}) found under {s.images}")
+    ordered = order_images(files, s.seed, s.benchmark)
+    image_sha = hashlib.sha1("\n".join(ordered).encode("utf-8")).hexdigest()
+    settings = s.content_settings(image_sha)
+    collisions = _shared_json_targets(ordered, s.masks)
+    span = part_slice(len(ordered), s.part, s.num_parts)
+    files = ordered[span]
+    pre_skipped = {i - span.start: e for i, e in collisions.items() if span.start <= i < span.stop}
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = shard_pattern(s.name, s.part, s.num_parts)
+    journal = Journal(out, s.part, s.num_parts)
+    summary = ShardSummary(out=str(out), part=s.part, num_parts=s.num_parts, images=len(files))
+    journal.lock()
+    try:
+        if s.overwrite:
+            _remove_part(out, journal, pattern)
+        check_compatible(out, settings)
+        done = journal.read_manifest()
+        if done is not None and done.get("settings") == settings and all(
+                (out / sh["name"]).is_file() for sh in done["shards"]):
+            summary.seconds = time.perf_counter() - start
+            return _finish(summary, done, out)
+        journal.manifest_path.unlink(missing_ok=True)
+        progress = journal.resume({"settings": settings, "part": s.part})
+        regex = _part_files_regex(pattern)
+        for path in out.iterdir():
+            if path.name.endswith(TMP_SUFFIX) and regex.fullmatch(path.name):
+                path.unlink()
+        cursor = progress.cursor
+        summary.resumed_at = cursor[0]
+        job = ImageJob(images_dir=str(s.images), files=tuple(files), spec=s.spec, masks=s.masks,
+                       benchmark=s.benchmark)
+        sink = ShardSink(out, pattern, s.max_count, s.max_size, start=len(progress.shards),
+                         on_complete=lambda record: progress.shards.append(journal.add_shard(record)))
+        todo = [i for i in range(cursor[0], len(files)) if i not in pre_skipped]
+        tasks = [(i, cursor[1] if i == cursor[0] else 0) for i in todo]
+        results = ordered_results(job, tasks, s.workers)
+        bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {s.name}",
+                   disable=not s.progress, dynamic_ncols=True, file=sys.stderr)
+        processed = 0
+        stopped = False
+        try:
+            for i in range(cursor[0], len(files)):
+                if s.stop_after is not None and processed >= s.stop_after:
+                    stopped = True
+                    break
+                if i in pre_skipped:
+                    record = {"image": i, "file": files[i], "samples": 0, "error": pre_skipped[i]}
+                else:
+                    result = next(results)
+                    skip = cursor[1] if i == cursor[0] else 0
+                    for k, sample in enumerate(result.samples):
+                        sink.add(sample, (i, skip + k + 1))
+                    record = {"image": i, "file": files[i], "samples": skip + len(result.samples),
+                              "error": result.error, "note": result.note, "masker": result.masker,
+                              "num_masks": result.num_masks}
+                journal.append(record)
+                progress.images.append(record)
+                processed += 1
+                bar.update(1)
+                if record.get("error") and s.progress:
+                    bar.write(f"skipped {record['error']['file']}: {record['error']['reason']}")
+            if stopped:
+                sink.abort()
+            else:
+                sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            results.close()
+            bar.close()
+        summary.seconds = time.perf_counter() - start
+        if stopped:
+            _fill(summary, progress.images, progress.shards)
+            return summary
+        info = {"images_dir": str(Path(s.images).resolve()), "masks_dir": s.masks.masks_dir,
+                "sam_checkpoint": s.masks.sam_checkpoint, "workers": s.workers, "host": platform.node(),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        manifest = part_manifest(prefix=s.name, part=s.part, num_parts=s.num_parts, settings=settings,
+                                 info=info, progress=progress, found=len(files), ignored=ignored,
+                                 seconds=summary.seconds)
+        journal.write_manifest(manifest)
+        return _finish(summary, manifest, out)
+    finally:
+        journal.unlock()
+
+
+def _fill(summary: ShardSummary, images: list[dict], shards: list[dict]) -> None:
+    summary.skipped = [dict(r["error"], image=r["file"]) for r in images if r.get("error")]
+    summary.sharded = sum(1 for r in images if not r.get("error"))
+    summary.converted = sum(1 for r in images if r.get("note"))
+    summary.samples = sum(r["samples"] for r in images)
+    summary.shards = len(shards)
+
+
+def _finish(summary: ShardSummary, manifest: dict[str, Any], out: Path) -> ShardSummary:
+    summary.finished = True
+    summary.skipped = manifest["skipped"]
+    summary.sharded = manifest["images"]["sharded"]
+    summary.converted = len(manifest["converted"])
+    summary.samples = manifest["num_samples"]
+    summary.shards = len(manifest["shards"])
+    summary.missing_parts = merge_parts(out).missing
+    return summary
+
+
+def default_workers(masks: MaskSource) -> int:
+    """One worker per core (at most 8), one for SAM (each worker holds its own model)."""
+    return 1 if masks.kind == "sam" else max(1, min(8, os.cpu_count() or 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``make_shards`` command line (see ``--help``); returns the exit code."""
+    from samdiffsr.data.shardcli import run_cli
+
+    return run_cli(sys.argv[1:] if argv is None else list(argv))

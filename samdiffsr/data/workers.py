@@ -1,0 +1,110 @@
+"""Run :class:`~samdiffsr.data.samples.SampleMaker` over images in worker processes, results in input order.
+
+Each worker process builds its own masker once (a SAM model per process), then takes ``(index, skip)``
+tasks from a queue. The parent keeps at most ``2 * workers + 1`` images in flight and yields results in the
+order the tasks were given, so the shards' content does not depend on which worker finishes first.
+A worker that raises (anything but a reported bad input) or dies stops the run with :class:`WorkerError`.
+``workers <= 1`` runs everything in the calling process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import traceback
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from samdiffsr.data.samples import ImageJob, ImageResult, SampleMaker
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed on an image (the message names it) or died."""
+
+
+def _worker_main(job: ImageJob, tasks, results) -> None:
+    maker = SampleMaker(job)
+    parent = mp.parent_process()
+    while True:
+        try:
+            task = tasks.get(timeout=2.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the parent was killed: do not linger as an orphan
+            continue
+        if task is None:
+            return
+        index, skip = task
+        try:
+            results.put(("ok", maker.process(index, skip)))
+        except BaseException:  # report everything, including KeyboardInterrupt, then stop
+            results.put(("fatal", index, traceback.format_exc()))
+            return
+
+
+def start_method(job: ImageJob) -> str:
+    """``spawn`` when workers may touch CUDA (SAM), else ``fork`` where available (fast start)."""
+    if job.masks.kind == "sam" or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "fork"
+
+
+def ordered_results(job: ImageJob, tasks: Iterable[tuple[int, int]], workers: int) -> Iterator[ImageResult]:
+    """Yield ``SampleMaker(job).process(index, skip)`` for each task, in task order."""
+    if workers <= 1:
+        maker = SampleMaker(job)
+        for index, skip in tasks:
+            yield maker.process(index, skip)
+        return
+    ctx = mp.get_context(start_method(job))
+    task_q, result_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(job, task_q, result_q), daemon=True) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    finished = False
+    try:
+        todo = iter(tasks)
+        order: deque[int] = deque()
+        ready: dict[int, ImageResult] = {}
+
+        def submit() -> None:
+            task = next(todo, None)
+            if task is not None:
+                task_q.put(task)
+                order.append(task[0])
+
+        for _ in range(2 * workers + 1):
+            submit()
+        while order:
+            want = order[0]
+            while want not in ready:
+                try:
+                    message = result_q.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [p for p in procs if not p.is_alive()]
+                    if dead:
+                        raise WorkerError(
+                            f"a sharding worker died (exit code {dead[0].exitcode}) while images "
+                            f"{', '.join(job.files[i] for i in order)} were in flight; rerun to resume"
+                        ) from None
+                    continue
+                if message[0] == "fatal":
+                    raise WorkerError(f"failed on image {job.files[message[1]]}:\n{message[2]}")
+                ready[message[1].index] = message[1]
+            order.popleft()
+            yield ready.pop(want)
+            submit()
+        finished = True
+    finally:
+        if finished:
+            for _ in procs:
+                task_q.put(None)
+            for proc in procs:
+                proc.join()
+        else:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.join()
+        task_q.close()
+        result_q.close()
