@@ -1,1 +1,37 @@
-"""samdiffsr: SAM-DiffSR training, data and evaluation at cluster scale."""
+"""samdiffsr: SAM-DiffSR (structure-modulated diffusion for 4x super-resolution) at cluster scale.
+
+The stable Python API (documented in README.md, "Python API"):
+
+    from samdiffsr import load_config, build_model, load_weights
+    cfg = load_config("configs/samdiffsr_df2k4x.yaml", ["model.lr_up_divisor=256"])
+    model = build_model(cfg.model)
+    load_weights(model, "model_ckpt_steps_400000.ckpt")        # ours or the authors' layout
+    loss = model.training_loss(img_hr, img_lr, img_lr_up, mask, t=None, noise=None)
+    sr = model.sample(img_lr, img_lr_up, generator=torch.Generator().manual_seed(0))
+    m = spe_map(masks)                                            # K x H x W bool -> H x W float32
+    lr = imresize(hr, 1 / 4)                                      # MATLAB bicubic (numpy)
+    for s in read_samples("shards/demo/train/train-{000000..000001}.tar"): ...
+"""
+
+from .config import Config, ConfigError, load_config
+from .data.reader import read_samples
+from .imresize import imresize, imresize_torch
+from .masks.spe import spe_label_map, spe_map
+from .models import GaussianDiffusion, WeightsError, build_model, load_rrdb_weights, load_weights, save_weights
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GaussianDiffusion",
+    "WeightsError",
+    "build_model",
+    "imresize",
+    "imresize_torch",
+    "load_config",
+    "load_rrdb_weights",
+    "load_weights",
+    "read_samples",
+    "save_weights",
+    "spe_label_map",
+    "spe_map",
+]
