@@ -57,13 +57,14 @@ class DataConfig:
     val_shards: str = ""  # shard pattern or an HR image folder; empty: no validation
     val_images: int = 4  # held-out images used for validation
     patch_size: int = 160  # HR crop; LR crop is patch_size // sr_scale
-    crops_per_tile: int = 1  # random crops taken from each decoded tile
+    crops_per_tile: int = 1  # random crops taken from each decoded tile (an epoch = tiles x crops)
     shuffle_buffer: int = 256
     resampled: bool = False  # True: sample shards with replacement (infinite stream)
     hflip: bool = True
+    vflip: bool = False  # with hflip and rot90 already all 8 flips/rotations occur
     rot90: bool = True
     workers: int = 2  # DataLoader workers per rank
-    samples_per_epoch: int = 0  # per rank; 0 = derived from the shard manifest
+    samples_per_epoch: int = 0  # crops per rank per epoch; 0 = derived from the shard manifest (sizes.json)
     prefetch_factor: int = 4
 
 

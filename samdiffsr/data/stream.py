@@ -1,0 +1,259 @@
+"""The training stream: shards -> shuffled tiles -> aligned random crops -> uint8 batches -> device inputs.
+
+``TrainStream(data_cfg, batch_size=B, scale=s, seed=S, rank=r, world_size=n)`` gives every rank the
+same ``epoch_batches`` per epoch, and ``iter_epoch(epoch, skip_batches=k)`` yields batches ``k ..
+epoch_batches - 1`` of that epoch. What a rank sees is a pure function of (seed, epoch, rank, world size,
+DataLoader worker count, data config): resuming needs the same world size, ``data.workers`` and batch size.
+
+Per DataLoader worker ``w`` of ``W``: the slot's endless shard sequence (`shardlist.slot_shards`) ->
+tar samples -> a seeded sample shuffle buffer -> ``reader.decode_sample`` -> ``crops_per_tile`` aligned
+crops per tile (seeded; a crop shuffle buffer spreads one tile's crops over several batches) -> batches.
+
+Equal batches: the source never runs dry, so the epoch is cut by count. ``epoch_batches`` is the
+manifest's sample total (times ``crops_per_tile``) // (world_size * B), or ``data.samples_per_epoch // B``.
+Logical worker ``w`` makes ``epoch_batches // W`` batches, plus one when ``w < epoch_batches % W``;
+the DataLoader takes them round robin, so global batch ``g`` is batch ``g // W`` of worker ``g % W``.
+
+Resume: to start at batch ``k``, physical worker ``p`` plays logical worker ``(k + p) % W`` from its
+local batch ``(k + p) // W``; the round robin then yields exactly ``k, k+1, ...``. Skipping re-reads the
+skipped part of the slot's stream and decodes those tiles (a corrupt tile must be found to be skipped
+exactly as in the first run) and draws their crop parameters, but copies no crop pixels and collates
+nothing: about one decode per skipped tile (~0.5-1 ms for a 320 tile), spread over the workers.
+
+Memory per worker: the sample shuffle buffer holds ``shuffle_buffer`` raw samples (~0.55 MB for a 320
+tile with its mask), and with ``crops_per_tile > 1`` a crop buffer of ``2 * crops_per_tile * B`` crops keeps
+up to that many decoded tiles alive (~0.7 MB each).
+
+Corrupt samples, unreadable shards and tiles smaller than the patch are skipped with a warning and
+counted in ``TrainStream.counts``; only a stream that yields nothing usable for many shards raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from samdiffsr.config import DataConfig
+from samdiffsr.data.augment import CROP_DRAWS, CropSpec, aligned_crop, collate, fits
+from samdiffsr.data.reader import decode_sample
+from samdiffsr.data.shardlist import derive_seed, expand_shards, shard_sizes, slot_shards
+from samdiffsr.data.tarread import read_shard
+from samdiffsr.imresize import imresize_torch
+
+log = logging.getLogger(__name__)
+
+COUNT_KEYS = ("bad_samples", "read_errors", "small_tiles")
+_BAD, _READ, _SMALL = range(3)
+# Stream ids mixed into the seeds so that each random stream of a slot is independent.
+_SAMPLE_SHUFFLE, _CROPS, _CROP_SHUFFLE = 2, 3, 4
+
+
+def worker_batches(epoch_batches: int, workers: int, worker: int) -> int:
+    """Batches logical worker ``worker`` of ``workers`` makes in an epoch (the remainder goes first)."""
+    return epoch_batches // workers + (worker < epoch_batches % workers)
+
+
+def buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``size`` items with a given RNG (deterministic)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to build its part of an epoch (picklable, no open files)."""
+
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]
+    spec: CropSpec
+    batch_size: int
+    crops_per_tile: int
+    shuffle_buffer: int
+    resampled: bool
+    seed: int
+    rank: int
+    world_size: int
+    epoch_batches: int
+
+
+class _DryGuard:
+    """Raise when many shards in a row gave no usable tile: no data at all is an error, not a skip."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.shards_since_tile = limit, 0
+
+    def watch(self, urls: Iterable[str]) -> Iterator[str]:
+        for url in urls:
+            self.shards_since_tile += 1
+            if self.shards_since_tile > self.limit:
+                raise RuntimeError(f"{self.limit} shards in a row gave no usable sample (last: {url})")
+            yield url
+
+
+def _raw_samples(urls: Iterable[str], counts: np.ndarray) -> Iterator[dict[str, Any]]:
+    """Raw samples of consecutive shards; an unreadable or damaged shard ends early, counted."""
+    for url in urls:
+        try:
+            yield from read_shard(url)
+        except Exception as exc:  # missing file, I/O error, truncated or garbled tar: never a crash
+            counts[_READ] += 1
+            log.warning("skipping unreadable shard data in %s: %s", url, exc)
+
+
+def _tiles(plan: _Plan, key: tuple[int, ...], worker: int, workers: int,
+           counts: np.ndarray) -> Iterator[dict]:
+    """Decoded, valid tiles of one slot (``key`` = seed, epoch, rank, world size, worker, workers)."""
+    shards = slot_shards(list(plan.urls), list(plan.sizes), seed=plan.seed, epoch=key[1], rank=plan.rank,
+                         world_size=plan.world_size, worker=worker, num_workers=workers,
+                         resampled=plan.resampled)
+    guard = _DryGuard(10 * len(plan.urls) + plan.shuffle_buffer + 100)
+    raw = _raw_samples(guard.watch(shards), counts)
+    for sample in buffer_shuffle(raw, plan.shuffle_buffer, random.Random(derive_seed(*key, _SAMPLE_SHUFFLE))):
+        try:
+            tile = decode_sample(sample)
+        except Exception as exc:  # any decode failure is a bad sample, never a crash
+            counts[_BAD] += 1
+            log.warning("skipping corrupt sample %s from %s: %s",
+                        sample.get("__key__"), sample.get("__url__"), exc)
+            continue
+        if tile["hr"].shape[0] != tile["lr"].shape[0] * plan.spec.scale:
+            counts[_BAD] += 1
+            log.warning("skipping sample %s: its scale is not %d", tile["key"], plan.spec.scale)
+            continue
+        if not fits(tile["hr"].shape, plan.spec):
+            counts[_SMALL] += 1
+            log.warning("skipping sample %s: %s is smaller than the patch", tile["key"], tile["hr"].shape[:2])
+            continue
+        guard.shards_since_tile = 0
+        yield tile
+
+
+def _crops(plan: _Plan, epoch: int, worker: int, workers: int, counts: np.ndarray) -> Iterator[tuple]:
+    """The endless crop stream of one logical worker (views into decoded tiles)."""
+    key = (plan.seed, epoch, plan.rank, plan.world_size, worker, workers)
+    rng = np.random.default_rng(derive_seed(*key, _CROPS))
+    c = plan.crops_per_tile
+
+    def crops() -> Iterator[tuple]:
+        for tile in _tiles(plan, key, worker, workers, counts):
+            for draws in rng.random((c, CROP_DRAWS)):
+                yield aligned_crop(tile["hr"], tile["lr"], tile["mask"], draws, plan.spec)
+
+    if c == 1:
+        return crops()
+    return buffer_shuffle(crops(), 2 * c * plan.batch_size, random.Random(derive_seed(*key, _CROP_SHUFFLE)))
+
+
+class _EpochDataset(IterableDataset):
+    """One epoch from batch ``skip`` on; each DataLoader worker builds its share (module docstring)."""
+
+    def __init__(self, plan: _Plan, epoch: int, skip: int) -> None:
+        super().__init__()
+        self.plan, self.epoch, self.skip = plan, epoch, skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        worker, local_skip = (self.skip + physical) % workers, (self.skip + physical) // workers
+        todo = worker_batches(self.plan.epoch_batches, workers, worker) - local_skip
+        counts = np.zeros(len(COUNT_KEYS), np.int64)
+        b = self.plan.batch_size
+        crops = islice(_crops(self.plan, self.epoch, worker, workers, counts), local_skip * b, None)
+        for _ in range(max(todo, 0)):
+            batch: dict[str, Any] = collate(list(islice(crops, b)), self.plan.spec)
+            batch["worker"] = worker
+            # Cumulative for this worker and epoch; plain ints travel inline, not as shared-memory tensors.
+            batch["counts"] = tuple(int(c) for c in counts)
+            yield batch
+
+
+class TrainStream:
+    """Per-rank training batches: ``epoch_batches`` (equal on all ranks) and ``iter_epoch``.
+
+    Batches are dicts: ``hr`` B x 3 x P x P uint8, ``lr`` B x 3 x P/s x P/s uint8, ``mask`` B x 1 x P x P
+    float32 (uint8 images: 4x less to copy between processes and to pin); `to_model_inputs` turns one
+    into model inputs on the device.
+    ``counts`` holds the skipped bad samples / read errors / small tiles seen so far by this object.
+    """
+
+    def __init__(self, data_cfg: DataConfig, *, batch_size: int, scale: int, seed: int, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        if data_cfg.crops_per_tile < 1 or data_cfg.workers < 0:
+            raise ValueError("data.crops_per_tile must be >= 1 and data.workers >= 0")
+        urls = expand_shards(data_cfg.train_shards)
+        sizes = shard_sizes(urls)
+        if data_cfg.samples_per_epoch > 0:
+            per_rank = data_cfg.samples_per_epoch
+        elif sum(sizes) == 0:
+            raise ValueError(f"the shards {data_cfg.train_shards!r} hold no samples")
+        else:
+            per_rank = sum(sizes) * data_cfg.crops_per_tile // world_size
+        self.epoch_batches = max(1, per_rank // batch_size)
+        self.workers = data_cfg.workers
+        self.prefetch_factor = data_cfg.prefetch_factor
+        self.pin_memory = pin_memory
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        spec = CropSpec(data_cfg.patch_size, scale, data_cfg.hflip, data_cfg.vflip, data_cfg.rot90)
+        self._plan = _Plan(tuple(urls), tuple(sizes), spec, batch_size, data_cfg.crops_per_tile,
+                           data_cfg.shuffle_buffer, data_cfg.resampled, seed, rank, world_size,
+                           self.epoch_batches)
+
+    def iter_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches ``skip_batches .. epoch_batches - 1`` of ``epoch``, identical to an uninterrupted run."""
+        if epoch < 0 or not 0 <= skip_batches <= self.epoch_batches:
+            raise ValueError(f"epoch {epoch} / skip_batches {skip_batches} outside 0..{self.epoch_batches}")
+        loader = DataLoader(
+            _EpochDataset(self._plan, epoch, skip_batches), batch_size=None, num_workers=self.workers,
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.workers else None,
+        )
+        return self._counted(loader)
+
+    def _counted(self, loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+        before = dict(self.counts)
+        latest: dict[int, tuple[int, ...]] = {}
+        for batch in loader:
+            latest[batch.pop("worker")] = batch.pop("counts")
+            now = [sum(c[i] for c in latest.values()) for i in range(len(COUNT_KEYS))]
+            self.counts = {k: before[k] + n for k, n in zip(COUNT_KEYS, now, strict=True)}
+            yield batch
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str, scale: int,
+                    lr_up_divisor: float = 255.0, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Move a uint8 batch to ``device`` and build the model inputs there.
+
+    ``img_hr`` / ``img_lr``: x / 255 mapped to [-1, 1] exactly as torchvision's ToTensor + Normalize(0.5,
+    0.5) do in the authors' loader; ``img_lr_up``: MATLAB bicubic x``scale`` of ``lr / lr_up_divisor``,
+    mapped the same way (the authors use 256 here, see ModelConfig.lr_up_divisor); ``mask`` as stored.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    hr, lr, mask = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr", "mask"))
+    lr_up = imresize_torch(lr.float() / lr_up_divisor, scale=scale)
+    out = {
+        "img_hr": hr.float().div(255).sub(0.5).div(0.5),
+        "img_lr": lr.float().div(255).sub(0.5).div(0.5),
+        "img_lr_up": lr_up.sub(0.5).div(0.5),
+        "mask": mask.float(),
+    }
+    return {k: v.contiguous(memory_format=fmt) for k, v in out.items()}
