@@ -147,6 +147,19 @@ def test_stopped_run_resumes_to_the_same_shards(photos, reference, tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
 
 
+def orphans(marker: str) -> list[int]:
+    """Processes whose command line mentions ``marker`` (the killed run's workers, if still alive)."""
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if proc_dir.name.isdigit():
+            try:
+                if marker.encode() in (proc_dir / "cmdline").read_bytes():
+                    found.append(int(proc_dir.name))
+            except OSError:
+                continue
+    return found
+
+
 def test_killed_run_resumes_without_duplicates_or_gaps(photos, reference, tmp_path):
     """SIGKILL a real run (2 workers, masks being made) after its first shard, then rerun."""
     ref_out, _ = reference
@@ -165,6 +178,10 @@ def test_killed_run_resumes_without_duplicates_or_gaps(photos, reference, tmp_pa
     proc.wait()
     assert not (out / "parts" / "part-000-of-001.json").exists()
     assert main(args) == 0
+    deadline = time.time() + 30
+    while orphans(str(out)) and time.time() < deadline:  # the killed run's workers notice and exit
+        time.sleep(0.2)
+    assert not orphans(str(out))
     assert shard_bytes(out) == shard_bytes(ref_out)
     keys = [s["key"] for s in samples_of(out)]
     assert len(keys) == len(set(keys)) == sum(json.loads((ref_out / "sizes.json").read_text()).values())
@@ -277,5 +294,7 @@ def test_demo_builds_train_and_val(tmp_path, capsys):
     train = samples_of(tmp_path / "demo" / "train")
     assert len(train) == 19 and all(s["meta"]["masker"] == "felzenszwalb" for s in train)
     assert all(s["hr"].shape[0] > 160 and s["hr"].shape[1] > 160 for s in train)
+    assert sorted(p.name for p in (tmp_path / "demo" / "train").glob("*.tar")) == [
+        "train-000000.tar", "train-000001.tar"]
     val = samples_of(tmp_path / "demo" / "val")
     assert [s["meta"]["source"] for s in val] == ["chelsea.png", "coffee.png"]

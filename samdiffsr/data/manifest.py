@@ -148,15 +148,18 @@ class Journal:
         self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in unlock()
         return progress
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], durable: bool = False) -> None:
+        """Append a record. Image records are only flushed (they survive a killed process); a shard record
+        is fsynced, which also makes every earlier record of the file durable."""
         self._handle.write(json.dumps(record).encode() + b"\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        if durable:
+            os.fsync(self._handle.fileno())
 
     def add_shard(self, record: ShardRecord) -> dict[str, Any]:
         entry = {"shard": record.name, "count": record.count, "bytes": record.bytes, "end": list(record.end),
                  "first": record.first, "last": record.last}
-        self.append(entry)
+        self.append(entry, durable=True)
         return entry
 
     def read_manifest(self) -> dict[str, Any] | None:

@@ -2,8 +2,9 @@
 
 Without arguments it builds the demo: photos that ship with scikit-image are written as PNGs under
 ``shards/demo/images/`` and sharded with the Felzenszwalb masker (recorded as ``felzenszwalb`` in every
-sample, never mistaken for SAM): the train photos tiled into ``shards/demo/train/``, the held-out photos as
-whole-image benchmark pairs (no masks) into ``shards/demo/val/``.
+sample, never mistaken for SAM): the train photos tiled into ``shards/demo/train/`` (19 tiles of 320, in
+``train-000000.tar`` and ``train-000001.tar``), the held-out photos as whole-image benchmark pairs (no
+masks) into ``shards/demo/val/test-000000.tar``.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def run_demo(out: str | os.PathLike = "shards/demo", progress: bool = True) -> i
     masks = MaskSource(kind="felzenszwalb", masks_dir=str((out / "masks").resolve()))
     codes, summaries = [], []
     for settings in (
-        ShardSettings(images=str(train_images), out=str(out / "train"), masks=masks,
+        ShardSettings(images=str(train_images), out=str(out / "train"), masks=masks, max_count=10,
                       workers=default_workers(masks), progress=progress),
         ShardSettings(images=str(val_images), out=str(out / "val"), benchmark=True,
                       workers=default_workers(MaskSource()), progress=progress),

@@ -10,6 +10,7 @@ A worker that raises (anything but a reported bad input) or dies stops the run w
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import traceback
 from collections import deque
@@ -23,14 +24,15 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(job: ImageJob, tasks, results) -> None:
+    parent = os.getppid()
     maker = SampleMaker(job)
-    parent = mp.parent_process()
     while True:
         try:
-            task = tasks.get(timeout=2.0)
+            task = tasks.get(timeout=1.0)
         except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return  # the parent was killed: do not linger as an orphan
+            if os.getppid() != parent:  # the parent was killed: do not linger as an orphan
+                results.cancel_join_thread()  # nobody will read what is still buffered
+                return
             continue
         if task is None:
             return

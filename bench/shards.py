@@ -1,0 +1,183 @@
+"""Sharding throughput (images/s, tiles/s) with RLE-JSON mask ingest (no SAM), against a naive baseline.
+
+Input: real photos from ``skimage.data`` (the largest, retina, is 1411 x 1411, like a DIV2K image),
+copied ``--repeat`` times under distinct names, with mask JSONs made once beforehand by the Felzenszwalb
+masker (not timed). Timed, in the same process, on the same files:
+
+- ``naive``: one image at a time in one process, as a straightforward script does it: PIL load, json +
+  pycocotools decode, float32 SPE map, MATLAB LR, tiles, ``webdataset.ShardWriter`` with its default
+  encoders and the mask stored as a float32 ``.npy``.
+- ``ours``: :func:`samdiffsr.data.shardwriter.make_shards` with ``--masks DIR`` (1 worker, then
+  ``--workers`` processes): label map + value table, pre-encoded fields, ordered parallel workers,
+  crash-safe shards, journal and manifests.
+
+Also timed: reading every tile back (``read_samples``) from both outputs.
+
+    python bench/shards.py                    # writes the "shards" section of bench/RESULTS.md
+    python bench/shards.py --repeat 1 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from samdiffsr.data.reader import read_samples
+from samdiffsr.data.samples import MaskSource
+from samdiffsr.data.shardwriter import ShardSettings, make_shards
+from samdiffsr.data.tiles import TileSpec, tile_positions
+from samdiffsr.imresize import imresize
+from samdiffsr.masks.classical import FelzenszwalbMasker
+from samdiffsr.masks.rle import write_mask_json
+from samdiffsr.masks.spe import spe_map
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+def build_inputs(root: Path, repeat: int) -> tuple[Path, Path]:
+    """Photos as PNG (``repeat`` copies each) and their Felzenszwalb mask JSONs."""
+    import skimage.data
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masker = FelzenszwalbMasker()
+    for name in PHOTOS:
+        photo = getattr(skimage.data, name)()
+        records = masker(photo)
+        for r in range(repeat):
+            Image.fromarray(photo).save(images / f"{name}_{r}.png")
+            write_mask_json(masks / f"{name}_{r}.json", records)
+    return images, masks
+
+
+def naive(images: Path, masks: Path, out: Path, spec: TileSpec, max_count: int) -> tuple[int, int]:
+    """The per-image baseline; returns (images, tiles)."""
+    out.mkdir(parents=True)
+    n_images = n_tiles = 0
+    s, t = spec.scale, spec.tile
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=max_count, verbose=0) as sink:
+        for path in sorted(images.iterdir()):
+            img = np.asarray(Image.open(path).convert("RGB"))
+            records = json.load(open(masks / f"{path.stem}.json"))
+            full = np.stack([mask_utils.decode(r["segmentation"]) for r in records]).astype(bool)
+            h, w = img.shape[0] - img.shape[0] % s, img.shape[1] - img.shape[1] % s
+            hr = img[:h, :w]
+            lr = imresize(hr, 1 / s)
+            mask = spe_map(full[:, :h, :w])
+            for y, x in tile_positions(h, w, spec):
+                sink.write({
+                    "__key__": f"{path.stem}_{y}_{x}",
+                    "hr.npy": hr[y : y + t, x : x + t],
+                    "lr.npy": lr[y // s : (y + t) // s, x // s : (x + t) // s],
+                    "mask.npy": mask[y : y + t, x : x + t],
+                    "json": {"source": path.name, "pos": [y, x], "image_size": [h, w]},
+                })
+                n_tiles += 1
+            n_images += 1
+    return n_images, n_tiles
+
+
+def read_back(out: Path) -> tuple[int, float]:
+    """Tiles and seconds to read and decode every tile of a folder of shards."""
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    start = time.perf_counter()
+    if (out / "manifest.json").exists():
+        count = sum(1 for _ in read_samples(urls))
+    else:
+        count = sum(1 for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    return count, time.perf_counter() - start
+
+
+def folder_mb(out: Path) -> float:
+    return sum(p.stat().st_size for p in out.glob("*.tar")) / 1e6
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the ``## name`` section of RESULTS.md, keeping the other sections."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"## {name}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text.rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3, help="copies of each photo (7 photos, 38 tiles each copy)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes for 'ours'")
+    p.add_argument("--tile", type=int, default=320)
+    p.add_argument("--thresh", type=int, default=160)
+    p.add_argument("--max-count", type=int, default=64, help="samples per shard")
+    p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    args = p.parse_args(argv)
+    spec = TileSpec(scale=4, tile=args.tile, thresh=args.thresh)
+    with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
+        root = Path(tmp)
+        images, masks = build_inputs(root, args.repeat)
+        rows = []
+        start = time.perf_counter()
+        n_img, n_tiles = naive(images, masks, root / "naive", spec, args.max_count)
+        rows.append(("naive per-image (1 process, float32 mask)", n_img, n_tiles, time.perf_counter() - start,
+                     folder_mb(root / "naive"), *read_back(root / "naive")))
+        for workers in sorted({1, args.workers}):
+            out = root / f"ours{workers}"
+            settings = ShardSettings(
+                images=str(images), out=str(out), masks=MaskSource(kind="json", masks_dir=str(masks)), spec=spec,
+                max_count=args.max_count, workers=workers, progress=False)
+            start = time.perf_counter()
+            summary = make_shards(settings)
+            seconds = time.perf_counter() - start
+            assert summary.exit_code == 0 and summary.samples == n_tiles, summary.line()
+            rows.append((f"ours, --workers {workers}", summary.images, summary.samples, seconds,
+                         folder_mb(out), *read_back(out)))
+            shutil.rmtree(out / "parts")
+    base = rows[0][3]
+    lines = ["| variant | images | tiles | seconds | images/s | tiles/s | vs naive | MB written | read tiles/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, n_img, n_tiles, seconds, mb, n_read, read_s in rows:
+        lines.append(f"| {name} | {n_img} | {n_tiles} | {seconds:.2f} | {n_img / seconds:.2f} | "
+                     f"{n_tiles / seconds:.1f} | {base / seconds:.2f}x | {mb:.0f} | {n_read / read_s:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    command = "python bench/shards.py" + ("" if argv is None else " " + " ".join(argv))
+    if argv is None and len(sys.argv) > 1:
+        command = "python bench/shards.py " + " ".join(sys.argv[1:])
+    body = (f"`{command}` — {args.repeat} copies of {len(PHOTOS)} skimage.data photos (largest 1411 x 1411), "
+            f"Felzenszwalb mask JSONs made beforehand (not timed), tile {args.tile} / thresh {args.thresh} / "
+            f"scale 4, {args.max_count} samples per shard; {machine()}; "
+            f"{datetime.date.today().isoformat()} (shared machine, other jobs running: noisy).\n\n{table}\n\n"
+            "`vs naive` is the wall-time ratio to the naive baseline in the same run. `read tiles/s`: reading "
+            "and decoding every tile back in one process (ours: `read_samples`, label map -> float32 mask; "
+            "naive: webdataset's default decoder of the float32 `.npy` mask).")
+    if not args.no_write:
+        write_section(Path(args.results), "shards", body)
+        print(f"wrote the shards section of {args.results}")
+
+
+if __name__ == "__main__":
+    main()
