@@ -12,6 +12,7 @@ stored uncompressed so that a worker spends its time on crops, not on PNG decodi
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Iterator
@@ -26,10 +27,28 @@ class SampleError(ValueError):
     """A shard sample is missing a field or holds inconsistent arrays."""
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """Parse an .npy header once per distinct header (tiles of one dataset share a few shapes)."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    return dtype, shape, fortran, stream.tell()
+
+
 def _load_npy(data: bytes, key: str, field: str) -> np.ndarray:
+    """Zero-copy .npy decoding: the array is a read-only view of the sample's bytes."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for corrupt headers
+        header_len = 10 + int.from_bytes(data[8:10], "little") if data[6:7] == b"\x01" else \
+            12 + int.from_bytes(data[8:12], "little")
+        dtype, shape, fortran, offset = _npy_header(bytes(data[:header_len]))
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        return array.reshape(shape, order="F" if fortran else "C")
+    except Exception as exc:  # numpy raises several types for corrupt headers or short data
         raise SampleError(f"sample {key}: field {field} is not a valid .npy ({exc})") from exc
 
 
@@ -43,6 +62,7 @@ def encode_mask(labels: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """Turn one raw WebDataset sample (field -> bytes) into arrays.
 
+    ``hr`` and ``lr`` are read-only views of the raw bytes (no copy): copy before writing into them.
     Returns ``{"key", "hr", "lr", "mask", "meta"}``; ``mask`` is float32 H x W at HR resolution
     (all zeros when the sample was written without masks).
     """
@@ -70,7 +90,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             raise SampleError(f"sample {key}: mask {labels.shape} does not match hr {hr.shape[:2]}")
         if labels.size and int(labels.max()) >= values.size:
             raise SampleError(f"sample {key}: mask label {int(labels.max())} outside its value table")
-        mask = values.astype(np.float32)[labels]
+        mask = np.take(values.astype(np.float32, copy=False), labels)
     else:
         mask = np.zeros(hr.shape[:2], np.float32)
     return {"key": key, "hr": hr, "lr": lr, "mask": mask, "meta": meta}
