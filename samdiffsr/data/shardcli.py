@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-parts", type=int, default=1,
                    help="split the ordered image list into P contiguous parts (cluster job arrays)")
     s.add_argument("--part", type=int, default=None,
-                   help="which part this run writes, 0..P-1 (default: $SLURM_ARRAY_TASK_ID, else 0)")
+                   help="which part this run writes, 0..P-1 (default: $SLURM_ARRAY_TASK_ID when P > 1, else 0)")
     r = p.add_argument_group("resume and control")
     r.add_argument("--merge", action="store_true",
                    help="only merge the part manifests in --out into sizes.json / manifest.json / report.json")
@@ -177,7 +177,9 @@ def settings_from_args(argv: list[str]) -> tuple[argparse.Namespace, ShardSettin
         return args, None
     if not args.images:
         parser.error("--images is required")
-    part = args.part if args.part is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    part = args.part
+    if part is None:
+        part = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) if args.num_parts > 1 else 0
     if args.num_parts < 1 or not 0 <= part < args.num_parts:
         parser.error(f"--part must be in 0..{args.num_parts - 1} (got {part}) and --num-parts >= 1")
     try:

@@ -35,6 +35,7 @@ from samdiffsr.data.images import find_images
 from samdiffsr.data.manifest import (
     FORMAT,
     Journal,
+    PartProgress,
     check_compatible,
     merge_parts,
     part_manifest,
@@ -101,7 +102,7 @@ class ShardSummary:
     samples: int = 0
     shards: int = 0
     seconds: float = 0.0
-    resumed_at: int = 0
+    resumed_shards: int = 0
     finished: bool = False
     missing_parts: list[int] = field(default_factory=list)
 
@@ -114,7 +115,7 @@ class ShardSummary:
     def line(self) -> str:
         part = f" part {self.part}/{self.num_parts}" if self.num_parts > 1 else ""
         state = "" if self.finished else " (not finished: rerun to resume)"
-        resumed = f", resumed at image {self.resumed_at}" if self.resumed_at else ""
+        resumed = f", resumed after {self.resumed_shards} finished shards" if self.resumed_shards else ""
         return (f"{self.out}{part}: {self.images} images ({self.sharded} sharded, {len(self.skipped)} skipped, "
                 f"{self.converted} converted), {self.samples} tiles, {self.shards} shards, "
                 f"{self.seconds:.1f} s{resumed}{state}")
@@ -148,7 +149,7 @@ def _remove_part(out: Path, journal: Journal, pattern: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def _shared_json_targets(files: list[str], masks: MaskSource) -> dict[int, dict[str, str]]:
+def _shared_json_targets(images: str, files: list[str], masks: MaskSource) -> dict[int, dict[str, str]]:
     """Images whose mask JSON path collides with another image's (``a.png`` and ``a.jpg``): all skipped."""
     if masks.kind == "none":
         return {}
@@ -160,7 +161,8 @@ def _shared_json_targets(files: list[str], masks: MaskSource) -> dict[int, dict[
         if len(members) > 1:
             names = ", ".join(files[i] for i in members)
             for i in members:
-                bad[i] = {"file": files[i], "reason": f"ambiguous mask JSON {path}: shared by {names}"}
+                bad[i] = {"file": str(Path(images) / files[i]),
+                          "reason": f"ambiguous mask JSON {path}: shared by {names}"}
     return bad
 
 
@@ -175,7 +177,7 @@ def make_shards(s: ShardSettings) -> ShardSummary:
     ordered = order_images(files, s.seed, s.benchmark)
     image_sha = hashlib.sha1("\n".join(ordered).encode("utf-8")).hexdigest()
     settings = s.content_settings(image_sha)
-    collisions = _shared_json_targets(ordered, s.masks)
+    collisions = _shared_json_targets(s.images, ordered, s.masks)
     span = part_slice(len(ordered), s.part, s.num_parts)
     files = ordered[span]
     pre_skipped = {i - span.start: e for i, e in collisions.items() if span.start <= i < span.stop}
@@ -200,50 +202,10 @@ def make_shards(s: ShardSettings) -> ShardSummary:
         for path in out.iterdir():
             if path.name.endswith(TMP_SUFFIX) and regex.fullmatch(path.name):
                 path.unlink()
-        cursor = progress.cursor
-        summary.resumed_at = cursor[0]
+        summary.resumed_shards = len(progress.shards)
         job = ImageJob(images_dir=str(s.images), files=tuple(files), spec=s.spec, masks=s.masks,
                        benchmark=s.benchmark)
-        sink = ShardSink(out, pattern, s.max_count, s.max_size, start=len(progress.shards),
-                         on_complete=lambda record: progress.shards.append(journal.add_shard(record)))
-        todo = [i for i in range(cursor[0], len(files)) if i not in pre_skipped]
-        tasks = [(i, cursor[1] if i == cursor[0] else 0) for i in todo]
-        results = ordered_results(job, tasks, s.workers)
-        bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {s.name}",
-                   disable=not s.progress, dynamic_ncols=True, file=sys.stderr)
-        processed = 0
-        stopped = False
-        try:
-            for i in range(cursor[0], len(files)):
-                if s.stop_after is not None and processed >= s.stop_after:
-                    stopped = True
-                    break
-                if i in pre_skipped:
-                    record = {"image": i, "file": files[i], "samples": 0, "error": pre_skipped[i]}
-                else:
-                    result = next(results)
-                    skip = cursor[1] if i == cursor[0] else 0
-                    for k, sample in enumerate(result.samples):
-                        sink.add(sample, (i, skip + k + 1))
-                    record = {"image": i, "file": files[i], "samples": skip + len(result.samples),
-                              "error": result.error, "note": result.note, "masker": result.masker,
-                              "num_masks": result.num_masks}
-                journal.append(record)
-                progress.images.append(record)
-                processed += 1
-                bar.update(1)
-                if record.get("error") and s.progress:
-                    bar.write(f"skipped {record['error']['file']}: {record['error']['reason']}")
-            if stopped:
-                sink.abort()
-            else:
-                sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            results.close()
-            bar.close()
+        stopped = _write_part(s, job, journal, progress, pattern, pre_skipped)
         summary.seconds = time.perf_counter() - start
         if stopped:
             _fill(summary, progress.images, progress.shards)
@@ -258,6 +220,51 @@ def make_shards(s: ShardSettings) -> ShardSummary:
         return _finish(summary, manifest, out)
     finally:
         journal.unlock()
+
+
+def _write_part(s: ShardSettings, job: ImageJob, journal: Journal, progress: PartProgress, pattern: str,
+                pre_skipped: dict[int, dict[str, str]]) -> bool:
+    """Process the part's images from the journal's cursor on, in order; True if stopped by ``stop_after``.
+
+    Each image's samples go to the shard sink with their stream position, then its record to the journal.
+    On any exception the open shard is dropped (its ``.tmp`` removed) and the workers are stopped.
+    """
+    files = job.files
+    cursor = progress.cursor
+    sink = ShardSink(s.out, pattern, s.max_count, s.max_size, start=len(progress.shards),
+                     on_complete=lambda record: progress.shards.append(journal.add_shard(record)))
+    todo = [i for i in range(cursor[0], len(files)) if i not in pre_skipped]
+    results = ordered_results(job, [(i, cursor[1] if i == cursor[0] else 0) for i in todo], s.workers)
+    bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {s.name}",
+               disable=not s.progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for processed, i in enumerate(range(cursor[0], len(files))):
+            if s.stop_after is not None and processed >= s.stop_after:
+                sink.abort()
+                return True
+            if i in pre_skipped:
+                record = {"image": i, "file": files[i], "samples": 0, "error": pre_skipped[i]}
+            else:
+                result = next(results)
+                skip = cursor[1] if i == cursor[0] else 0
+                for k, sample in enumerate(result.samples):
+                    sink.add(sample, (i, skip + k + 1))
+                record = {"image": i, "file": files[i], "samples": skip + len(result.samples),
+                          "error": result.error, "note": result.note, "masker": result.masker,
+                          "num_masks": result.num_masks}
+            journal.append(record)
+            progress.images.append(record)
+            bar.update(1)
+            if record.get("error") and s.progress:
+                bar.write(f"skipped {record['error']['file']}: {record['error']['reason']}")
+        sink.close()
+        return False
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        results.close()
+        bar.close()
 
 
 def _fill(summary: ShardSummary, images: list[dict], shards: list[dict]) -> None:

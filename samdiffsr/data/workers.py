@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,7 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(job: ImageJob, tasks, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops the workers)
     parent = os.getppid()
     maker = SampleMaker(job)
     while True:
