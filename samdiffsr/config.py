@@ -53,7 +53,7 @@ class ModelConfig:
 class DataConfig:
     """Where training / validation samples come from and how they are cropped."""
 
-    train_shards: str = "shards/demo/train-{000000..000000}.tar"
+    train_shards: str = "shards/demo/train"  # a shard folder (with sizes.json), pattern or list
     val_shards: str = ""  # shard pattern or an HR image folder; empty: no validation
     val_images: int = 4  # held-out images used for validation
     patch_size: int = 160  # HR crop; LR crop is patch_size // sr_scale
@@ -101,6 +101,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | must | <checkpoint dir>
     log_every: int = 100
     val_every: int = 4000
+    val_crop: int = 0  # validation: centre-crop each held-out HR image to at most this size (0: whole)
+    val_steps: int = 0  # validation sampler: 0 = the full T-step DDPM, fewer = respaced DDIM steps
     max_bad_steps: int = 20  # NaN/Inf losses in a row before the run stops
     channels_last: bool = False
     compile: bool = False
