@@ -1,0 +1,133 @@
+"""What a training run reports, on rank 0: TensorBoard, a tqdm bar, per-step losses, the resolved config.
+
+Files in the run folder:
+- ``config.yaml``: the resolved config of the (latest) start.
+- ``tb/``: TensorBoard events (train/*, data/*, val/* scalars; val images).
+- ``losses.jsonl``: one ``{"step", "loss", "skipped"}`` line per optimizer step (global mean loss over
+  ranks and micro-batches), appended at log intervals. On resume, lines after the resumed step are
+  dropped (they belong to the part of the run that is being redone), like TensorBoard's ``purge_step``.
+- ``summary.json``: written when training ends.
+
+Per-step values stay on the device until a log interval (no ``.item()`` per step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samdiffsr.config import Config, save_config
+from samdiffsr.train.checkpoints import atomic_write_text
+
+
+def truncate_losses(path: Path, last_step: int) -> None:
+    """Keep only the lines of ``losses.jsonl`` up to ``last_step`` (atomically)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a killed run
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class RunLog:
+    """Reporting: every rank buffers its step values, only rank 0 (``enabled``) writes anything."""
+
+    def __init__(self, cfg: Config, *, enabled: bool, start_step: int, max_steps: int,
+                 global_batch: int) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(cfg.train.run_dir)
+        self.global_batch = global_batch
+        self.losses_path = self.run_dir / "losses.jsonl"
+        self._steps: list[int] = []
+        self._losses: list[torch.Tensor] = []
+        self._skipped: list[torch.Tensor] = []
+        self._data_wait = 0.0
+        self._t0 = time.perf_counter()
+        self._interval_start_step = start_step
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        truncate_losses(self.losses_path, start_step)
+        # purge_step drops events a killed run wrote after the checkpoint we resume from.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc=cfg.train.task, unit="step",
+                        dynamic_ncols=True)
+
+    def step(self, step: int, loss: torch.Tensor, skipped: torch.Tensor, data_wait: float) -> None:
+        """Buffer one step's (device) values; every rank buffers, so every rank knows the last loss."""
+        self._data_wait += data_wait
+        self._steps.append(step)
+        self._losses.append(loss)
+        self._skipped.append(skipped)
+        if self.enabled:
+            self.bar.update(1)
+
+    def flush(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+        """Write the buffered steps and ``scalars`` (host values): the host sync of a log interval.
+
+        Returns, on every rank, the last step's loss and the interval's samples/s and data-wait fraction
+        (time spent waiting for the next batch over wall time).
+        """
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        steps = step - self._interval_start_step
+        out = {"loss": float("nan"), "samples_per_s": steps * self.global_batch / elapsed,
+               "data_wait_fraction": self._data_wait / elapsed}
+        self._t0, self._data_wait, self._interval_start_step = time.perf_counter(), 0.0, step
+        if not self._steps:
+            return out
+        losses = torch.stack(self._losses).float().cpu().tolist()
+        skipped = torch.stack(self._skipped).cpu().tolist()
+        out["loss"] = losses[-1]
+        if self.enabled:
+            with self.losses_path.open("a") as f:
+                for s, loss, skip in zip(self._steps, losses, skipped, strict=True):
+                    f.write(json.dumps({"step": s, "loss": loss, "skipped": bool(skip)}) + "\n")
+                    self.writer.add_scalar("train/loss", loss, s)
+            scalars = {**scalars, "train/samples_per_s": out["samples_per_s"],
+                       "data/wait_fraction": out["data_wait_fraction"]}
+            for name, value in scalars.items():
+                self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
+            self.writer.flush()
+            self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scalars.get('lr', 0):.2e}",
+                                 sps=f"{out['samples_per_s']:.1f}")
+        self._steps, self._losses, self._skipped = [], [], []
+        return out
+
+    def validation(self, step: int, metrics: dict[str, float], images: dict[str, torch.Tensor]) -> None:
+        """Scalars ``val/<metric>`` and images ``val/<name>`` (uint8 3 x H x W)."""
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"val/{name}", value, step)
+        for name, image in images.items():
+            self.writer.add_image(f"val/{name}", image, step, dataformats="CHW")
+        self.writer.flush()
+        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        """Write ``summary.json`` (when given: the run ended normally) and close the writer and bar."""
+        if not self.enabled:
+            return
+        if summary is not None:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.writer.close()
+        self.bar.close()
