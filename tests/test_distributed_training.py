@@ -89,7 +89,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
 def test_zero_stages_and_precisions_run_on_uneven_shards(data, tmp_path, zero, precision):
     # 8 tiles over shards of 1, 5 and 2: 2 micro-batches of 2 per rank and epoch; 5 steps cross 2 epoch ends.
     extra = [f"train.zero_stage={zero}", f"train.precision={precision}", "train.batch_size=4",
-             "train.grad_accum=1", "train.ckpt_every=3", "train.keep_last=5"]
+             "train.grad_accum=1", "train.ckpt_every=3", "train.keep_last=5", f"train.channels_last={zero < 2}"]
     ds_launch(args(data, tmp_path, *extra, "train.max_steps=5", shards="uneven"), timeout=300)
     out = summary(tmp_path)
     assert out["step"] == 5 and out["world_size"] == 2

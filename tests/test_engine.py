@@ -164,7 +164,7 @@ def test_authors_rrdb_checkpoint_layout_is_loaded_and_stays_frozen(data, tmp_pat
     state = {k: v.clone() for k, v in rrdb.state_dict().items()}
     authors = tmp_path / "model_ckpt_steps_100000.ckpt"
     torch.save({"state_dict": {"model": state}, "global_step": 100000, "optimizer_states": []}, authors)
-    out = run(data, tmp_path / "run", "train.max_steps=2", f"train.rrdb_ckpt={authors}")
+    out = run(data, tmp_path / "run", "train.max_steps=2", f"train.rrdb_ckpt={authors}", "train.channels_last=true")
     assert out["step"] == 2
     final = load_net_state(tmp_path / "run")
     assert all(torch.equal(final[f"rrdb.{k}"], v) for k, v in state.items())

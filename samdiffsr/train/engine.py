@@ -229,8 +229,6 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     torch.manual_seed(t.seed)
     net = build_network(cfg, load_rrdb=resume is None)
     objective = TrainingObjective(net, t.task).to(device)
-    if t.channels_last:
-        objective.to(memory_format=torch.channels_last)
     if t.compile:  # in place: parameter names (and so checkpoints) stay the same
         (net if t.task == "rrdb" else net.denoise_fn).compile()
     trainable = [p for p in objective.parameters() if p.requires_grad]
@@ -240,6 +238,11 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: o.decay_gamma ** (s // o.decay_steps))
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    if t.channels_last and t.zero_stage == 0:
+        # Only now: DeepSpeed's initial broadcast views each parameter as bytes (default layout only), and
+        # under ZeRO 1/2 parameters are views into flat buffers that must stay so; the inputs go
+        # channels_last in any case, which is what selects the channels-last convolution kernels.
+        objective.to(memory_format=torch.channels_last)
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     scaler = engine.torch_autocast_z0_gradscaler or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
     # The diffusion's t / noise draws: a generator per rank, saved and restored with the checkpoint.
@@ -342,6 +345,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
                         f"train.max_bad_steps={t.max_bad_steps}), the last at step {step}; those updates were "
                         "skipped, the weights are those of the last good step. Lower optim.lr or check the data.")
                 bad_run_max = bad_run.clone()
+            t0 = time.perf_counter()
             if checkpoint_now:
                 save()
                 last_saved = step
@@ -354,6 +358,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
                                            lr_up_divisor=m.lr_up_divisor, seed=t.seed, crop=t.val_crop,
                                            steps=t.val_steps, autocast_dtype=AUTOCAST_DTYPES.get(t.precision))
                 runlog.validation(step, metrics, images)
+            runlog.exclude(time.perf_counter() - t0)
         if last_saved != step:
             save()
         digests: list[Any] = [None] * world_size

@@ -77,6 +77,10 @@ class RunLog:
         if self.enabled:
             self.bar.update(1)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on checkpoints and validation out of the throughput figures."""
+        self._t0 += seconds
+
     def flush(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
         """Write the buffered steps and ``scalars`` (host values): the host sync of a log interval.
 
