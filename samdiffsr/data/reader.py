@@ -97,9 +97,16 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_samples(urls: str | list[str]) -> Iterator[dict[str, Any]]:
-    """Yield decoded samples (see `decode_sample`) from a shard path, brace pattern or list, in order."""
-    import webdataset as wds
+    """Yield decoded samples (see `decode_sample`) in order from a shard folder (its tars, sorted), a path,
+    a brace pattern (``train-{000000..000009}.tar``) or a list of those.
 
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for raw in dataset:
-        yield decode_sample(raw)
+    Plain sequential reading: no node or worker splitting, so it works the same inside a distributed job.
+    """
+    from .shardlist import expand_shards
+    from .tarread import read_shard
+
+    sources = [urls] if isinstance(urls, str) else list(urls)
+    for source in sources:
+        for url in expand_shards(source):
+            for raw in read_shard(url):
+                yield decode_sample(raw)
