@@ -253,6 +253,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
         _check_resumable(checkpoints.saved_config(resume), cfg)
         client, rng = checkpoints.load(engine, resume, rank, world_size)
         step, position, saved_ema = client["step"], tuple(client["data_position"]), client.get("ema")
+        if scaler is not None and client.get("grad_scaler"):
+            scaler.load_state_dict(client["grad_scaler"])
         runlog_note = f"resumed from {resume.load_dir / resume.tag} at step {step}"
         if rng is not None:
             checkpoints.restore_rng(rng, generator)
@@ -282,7 +284,9 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
 
     def save() -> None:
         client = {"step": step, "data_position": list(position), "ema": ema.state_dict() if ema else None,
-                  "config": cfg.to_dict(), "stream_key": [world_size, micro, cfg.data.workers]}
+                  "config": cfg.to_dict(), "stream_key": [world_size, micro, cfg.data.workers],
+                  # DeepSpeed does not checkpoint the autocast GradScaler (fp16): the loss scale goes here.
+                  "grad_scaler": scaler.state_dict() if scaler is not None else None}
 
         def write_weights(path: Path) -> None:
             save_weights(path, net, ema=ema.full_state(net) if ema else None, step=step, config=cfg.to_dict())

@@ -63,8 +63,8 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         truncate_losses(self.losses_path, start_step)
-        # purge_step drops events a killed run wrote after the checkpoint we resume from.
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        # purge_step drops events a killed run wrote after the checkpoint we (re)start from.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         self.bar = tqdm(total=max_steps, initial=start_step, desc=cfg.train.task, unit="step",
                         dynamic_ncols=True)
 
