@@ -29,6 +29,7 @@ from train_helpers import TINY, write_shards
 
 from samdiffsr.cluster.jobs import TrainJob, slurm_distributed_env
 from samdiffsr.cluster.slurm import SlurmOptions
+from samdiffsr.cluster.slurm import main as submit_main
 from samdiffsr.data.reader import read_samples
 from samdiffsr.data.shardwriter import main as make_shards
 from samdiffsr.evaluation.benchmark import main as benchmark
@@ -310,3 +311,12 @@ def test_distributed_env_and_checkpoint_resume_setting(tmp_path: Path) -> None:
     requeued = job.checkpoint().function
     assert requeued.argv() == ["--config", "c.yaml", "train.max_steps=5", "train.resume=must",
                                f"train.run_dir={tmp_path}"]
+
+
+def test_bad_submissions_are_refused_before_queueing(capsys: pytest.CaptureFixture) -> None:
+    assert submit_main(["train.max_stepz=3", "--tasks-per-node", "2"]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+    assert submit_main(["train.batch_size=3", "--tasks-per-node", "2"]) == 2  # 3 images over 2 ranks
+    assert "not divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="after '--'"):
+        submit_main(["shards", "--parts", "2", "--images", "x"])

@@ -205,11 +205,11 @@ def submit_shards(argv: list[str]) -> int:
     if args.parts < 1:
         p.error("--parts must be >= 1")
     try:  # make_shards' own checks (it prints its usage error)
-        settings_from_args([*rest, "--num-parts", str(args.parts), "--part", "0"])
+        shard_args, _ = settings_from_args([*rest, "--num-parts", str(args.parts), "--part", "0"])
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     opts = options_from_args(args)
-    out = Path(rest[rest.index("--out") + 1]).resolve()
+    out = Path(shard_args.out).resolve()
     folder = Path(opts.folder).resolve() if opts.folder else out / "slurm"
     parts = make_executor(opts, folder, "samdiffsr-shards").map_array(ShardsPart(rest, args.parts),
                                                                       range(args.parts))
