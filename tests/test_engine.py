@@ -183,10 +183,12 @@ def test_authors_rrdb_checkpoint_layout_is_loaded_and_stays_frozen(data, tmp_pat
 
 
 # --- NaN/Inf losses and bad data --------------------------------------------------------------------
-def test_nonfinite_losses_skip_the_update_and_stop_the_run(data, tmp_path):
-    # lr 1e30: the first update blows the weights up, every later loss is NaN/Inf.
+@pytest.mark.parametrize("zero", [0, 1])
+def test_nonfinite_losses_skip_the_update_and_stop_the_run(data, tmp_path, zero):
+    # lr 1e30: the first update blows the weights up, every later loss is NaN/Inf. (ZeRO 0: our found_inf
+    # skip in the fused Adam; ZeRO 1: DeepSpeed's own skip on non-finite gradients, on top.)
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
-        run(data, tmp_path, "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=3",
+        run(data, tmp_path, f"train.zero_stage={zero}", "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=3",
             "train.log_every=1", "train.ckpt_every=1", "train.keep_last=10", "train.ema_decay=0.5")
     losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in losses] == [False, True, True, True]
