@@ -1,0 +1,136 @@
+"""Seconds per image for SR sampling: the T-step sampler and the fewer-step one, batch 1 and batched.
+
+All variants run in one process on the same random-weight model (speed does not depend on the weights),
+and are reported as seconds per image and as a ratio to the baseline measured in the same run: the
+model's own ``GaussianDiffusion.sample`` with all T steps at batch 1. ``ours`` is the inference path
+the CLI uses (``evaluation.tiling.sample_tiled``: per-image generators, whole image as one tile).
+
+    python bench/sample.py                                      # CPU: paper model, LR 32x32, batch 2
+    python bench/sample.py --lr-size 64 --batch 16 --device cuda --precision bf16
+    python bench/sample.py --write bench/RESULTS.md             # also record the table there
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from samdiffsr.config import load_config
+from samdiffsr.evaluation.tiling import sample_tiled
+from samdiffsr.models import build_model
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(batch: int, size: int, scale: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    lr = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
+    return lr, torch.nn.functional.interpolate(lr, scale_factor=scale, mode="bicubic")
+
+
+def time_model_sample(model, batch, size, steps, device, dtype) -> float:
+    """Seconds per image of ``model.sample`` (one generator for the batch)."""
+    lr, up = inputs(batch, size, model.cfg.sr_scale, device)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    sync(device)
+    start = time.perf_counter()
+    with ctx:
+        model.sample(lr, up, generator=torch.Generator().manual_seed(1), steps=steps)
+    sync(device)
+    return (time.perf_counter() - start) / batch
+
+
+def time_ours(model, batch, size, steps, device, dtype) -> float:
+    """Seconds per image of the inference path (per-image generators, images stacked ``batch`` per call)."""
+    lr, up = inputs(batch, size, model.cfg.sr_scale, device)
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    sync(device)
+    start = time.perf_counter()
+    sample_tiled(model, list(lr.split(1)), list(up.split(1)), gens, steps=steps, batch=batch, dtype=dtype)
+    sync(device)
+    return (time.perf_counter() - start) / batch
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) the ``## sample`` section of a results file, leaving the others as they are."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    pattern = re.compile(r"^## sample\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/samdiffsr_df2k4x.yaml")
+    p.add_argument("--lr-size", type=int, default=32, help="LR side (HR = scale x); Set5 images are ~64-128")
+    p.add_argument("--fast-steps", type=int, default=25, help="steps of the respaced (DDIM) sampler")
+    p.add_argument("--batch", type=int, default=2, help="images per batched call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
+    p.add_argument("--write", default=None, help="also write the table into this results file (## sample)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    T, K, B, n = cfg.model.timesteps, args.fast_steps, args.batch, args.lr_size
+    print(f"{machine(device)}; torch {torch.__version__}; {args.precision}; LR {n}x{n} -> HR "
+          f"{n * cfg.model.sr_scale}x{n * cfg.model.sr_scale}", flush=True)
+    for fn in (time_model_sample, time_ours):  # warm-up (allocator, kernels) of every path and batch size
+        for batch in (1, B):
+            fn(model, batch, n, 2, device, dtype)
+    variants = [
+        ("model.sample (baseline)", T, 1, time_model_sample),
+        ("ours", T, 1, time_ours),
+        ("ours, fewer steps (DDIM)", K, 1, time_ours),
+        ("ours, batched", T, B, time_ours),
+        ("ours, fewer steps, batched", K, B, time_ours),
+    ]
+    rows = []
+    base = None
+    for name, steps, batch, fn in variants:
+        sec = fn(model, batch, n, steps, device, dtype)
+        base = base or sec
+        rows.append((name, steps, batch, sec, base / sec))
+        print(f"{name:<30} steps {steps:>3}  batch {batch:>2}  {sec:8.3f} s/image  {base / sec:6.2f}x", flush=True)
+    if args.write:
+        cmd = "python bench/sample.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        lines = [
+            "## sample", "",
+            f"`{cmd}` — {machine(device)}, torch {torch.__version__}, {args.precision}, "
+            f"{datetime.date.today().isoformat()}. Model: `{args.config}` "
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, random weights), "
+            f"LR {n}x{n} -> HR {n * cfg.model.sr_scale}x{n * cfg.model.sr_scale}. Speed-up is against "
+            f"the first row, measured in the same run.", "",
+            "| variant | steps | batch | s/image | speed-up |", "|---|---:|---:|---:|---:|",
+            *[f"| {name} | {steps} | {batch} | {sec:.3f} | {ratio:.2f}x |" for name, steps, batch, sec, ratio in rows],
+            "",
+        ]
+        write_section(Path(args.write), "\n".join(lines) + "\n")
+        print(f"written to {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
