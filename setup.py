@@ -28,10 +28,11 @@ setup(
     entry_points={
         "console_scripts": [
             "samdiffsr-make-shards=samdiffsr.data.shardwriter:main",
-            "samdiffsr-train=samdiffsr.train.engine:main",
+            "samdiffsr-train=samdiffsr.train.engine:cli",
             "samdiffsr-submit=samdiffsr.cluster.slurm:main",
             "samdiffsr-benchmark=samdiffsr.evaluation.benchmark:main",
             "samdiffsr-infer=samdiffsr.evaluation.inference:main",
+            "samdiffsr-demo=samdiffsr.demo:main",
         ]
     },
 )
