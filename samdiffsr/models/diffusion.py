@@ -149,20 +149,21 @@ class GaussianDiffusion(nn.Module):
               - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
         return x0.clamp(-1.0, 1.0)
 
-    def _ddpm_step(self, x: torch.Tensor, t: int, cond: list[torch.Tensor],
-                   noise: torch.Tensor) -> torch.Tensor:
+    def ddpm_update(self, x: torch.Tensor, eps: torch.Tensor, t: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """One ancestral DDPM step x_t -> x_{t-1} given the predicted noise (posterior mean + variance)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, tt, self.denoise_fn(x, tt, cond))
+        x0 = self._predict_x0(x, tt, eps)
         mean = (_extract(self.posterior_mean_coef1, tt, x.ndim) * x0
                 + _extract(self.posterior_mean_coef2, tt, x.ndim) * x)
-        if t == 0:
+        if t == 0 or noise is None:
             return mean
         return mean + (0.5 * _extract(self.posterior_log_variance_clipped, tt, x.ndim)).exp() * noise
 
-    def _ddim_step(self, x: torch.Tensor, t: int, t_prev: int, cond: list[torch.Tensor],
-                   noise: torch.Tensor | None, eta: float) -> torch.Tensor:
+    def ddim_update(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+                    noise: torch.Tensor | None, eta: float) -> torch.Tensor:
+        """One respaced DDIM step x_t -> x_{t_prev} (t_prev = -1: the final clean estimate)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, tt, self.denoise_fn(x, tt, cond))
+        x0 = self._predict_x0(x, tt, eps)
         abar = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar)
         # Recompute eps from the clipped x0 so that the step stays consistent with the clipping.
@@ -170,6 +171,9 @@ class GaussianDiffusion(nn.Module):
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         out = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
         return out + sigma * noise if noise is not None else out
+
+    def predict_noise(self, x: torch.Tensor, t: int, cond: list[torch.Tensor]) -> torch.Tensor:
+        return self.denoise_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
 
     def timestep_schedule(self, steps: int | None) -> list[int]:
         """Timesteps visited by the sampler, descending: all T, or ``steps`` evenly spaced ones."""
@@ -210,11 +214,11 @@ class GaussianDiffusion(nn.Module):
         full = len(schedule) == self.num_timesteps
         for i, t in enumerate(iterator):
             if full:
-                x = self._ddpm_step(x, t, cond, randn() if t > 0 else torch.zeros_like(x))
+                x = self.ddpm_update(x, self.predict_noise(x, t, cond), t, randn() if t > 0 else None)
             else:
                 t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
                 step_noise = randn() if eta > 0 and t_prev >= 0 else None
-                x = self._ddim_step(x, t, t_prev, cond, step_noise, eta)
+                x = self.ddim_update(x, self.predict_noise(x, t, cond), t, t_prev, step_noise, eta)
         return self.res2img(x, img_lr_up)
 
 
