@@ -34,5 +34,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "bicubic" in table and "psnr" in table.lower()
     assert table.strip() in proc.stdout  # the table is printed at the end
+    assert "training helped" in proc.stdout or "not beaten bicubic" in proc.stdout  # the verdict line
     assert list(out.glob("*.png")), "no metric plot written"
     assert (tmp_path / "runs" / "demo" / "tb").is_dir()
