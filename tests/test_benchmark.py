@@ -245,3 +245,29 @@ def test_lpips_and_fid_from_weight_files_and_sr_dir_mode(bench_inputs, tmp_path)
     hr_feat = np.load(next((out / "features" / "hr").rglob("astronaut.npy")))
     np.testing.assert_allclose(hr_feat, feats([pairs[0][1]])[0], rtol=1e-6)
     assert "lpips_alex" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow  # a real training process (DeepSpeed on CPU), then the sweep
+def test_sweep_over_a_real_short_training_run(bench_inputs, tmp_path):
+    from train_helpers import TINY as TRAIN_TINY
+    from train_helpers import rank_env, write_shards
+
+    _, folder, shards = bench_inputs
+    cfg = load_config(REPO / "configs" / "demo.yaml", TRAIN_TINY)
+    rrdb = tmp_path / "rrdb.pt"
+    torch.manual_seed(0)
+    save_weights(rrdb, build_model(cfg.model).rrdb)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
+           *TRAIN_TINY, f"data.train_shards={write_shards(tmp_path / 'train')}", "data.val_shards=",
+           f"train.rrdb_ckpt={rrdb}", f"train.run_dir={run}", "train.max_steps=4", "train.ckpt_every=2",
+           "train.keep_last=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run / "weights").glob("step*.pt")) == ["step00000002.pt", "step00000004.pt"]
+    out = run / "benchmark"  # the default output folder
+    assert main(["--run", str(run), "--sets", f"Folder={folder}", f"Shards={shards}", "--metrics", PIXEL,
+                 "--steps", "5", "--quiet"]) == 0
+    rows = {(s["checkpoint"], s["step"]) for s in json.loads((out / "results.json").read_text())["summary"]}
+    assert rows == {("bicubic", None), ("step00000002", 2), ("step00000004", 4)}
+    assert (out / "plot_psnr_y.png").is_file() and "| step00000004 | 4 |" in (out / "results.md").read_text()

@@ -237,30 +237,26 @@ class _Sources:
                     yield pairs[i], sr, per, step
 
 
-def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
-    """Evaluate this rank's share of every (entry, set) pair; on rank 0 also gather and report.
+def _settings(spec: SweepSpec) -> dict[str, Any]:
+    """What the numbers depend on (stored with the results; batch and device are not in it)."""
+    scale = spec.config.model.sr_scale
+    # Crop as the authors' test loader does: HR to a multiple of scale x the UNet's LR multiple (8).
+    hr_multiple = 1 if spec.sr_dir else scale * lr_multiple(spec.config.model)
+    return {"scale": scale, "hr_multiple": hr_multiple, "lr_up_divisor": spec.lr_up_divisor,
+            "ema": spec.prefer_ema, **(spec.sampler.identity() if spec.sampler else {})}
 
-    Returns the report paths and summaries on rank 0, None on the other ranks.
-    """
+
+def _score_share(spec: SweepSpec, store: ResultStore, suite: MetricSuite, settings: dict[str, Any]) -> dict:
+    """Score this rank's images of every unfinished (entry, set) pair; returns every set's keys in order."""
     from tqdm import tqdm
 
-    store = ResultStore(spec.out)
-    mcfg = spec.config.model
-    scale = mcfg.sr_scale
-    # Crop as the authors' test loader does (HR to a multiple of scale x the UNet's LR multiple).
-    hr_multiple = 1 if spec.sr_dir else scale * lr_multiple(spec.config.model)
-    settings = {"scale": scale, "hr_multiple": hr_multiple, "lr_up_divisor": spec.lr_up_divisor,
-                "ema": spec.prefer_ema, **(spec.sampler.identity() if spec.sampler else {})}
-    store.check_settings(settings)
-    suite = MetricSuite(spec.metrics, scale, lpips_weights=spec.lpips_weights, fid_weights=spec.fid_weights,
-                        device=spec.device or default_device())
+    scale = settings["scale"]
     sources = _Sources(spec)
-    set_names = names(spec.sets)
     bar = tqdm(total=0, desc="benchmark", unit="img", disable=not spec.progress)
-    pairs_of: dict[str, list[str]] = {}
+    keys_of: dict[str, list[str]] = {}
     for src in spec.sets:
-        keys, mine = load_share(src, scale, hr_multiple, spec.rank, spec.world)
-        pairs_of[src.name] = keys
+        keys, mine = load_share(src, scale, settings["hr_multiple"], spec.rank, spec.world)
+        keys_of[src.name] = keys
         for entry in spec.entries:
             if store.is_done(entry.label, src.name, suite.names):
                 continue
@@ -269,15 +265,14 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
             if not todo:
                 continue
             bar.total += len(todo)
-            bar.refresh()
             bar.set_description(f"{entry.label} / {src.name}")
             for p, sr, secs, step in sources.run(entry, todo):
-                hr = match_sr(sr, p.hr, max(8, 2 * scale), f"{entry.label}/{src.name}/{p.key}") \
-                    if entry.source == "folder" else p.hr
+                where = f"{entry.label}/{src.name}/{p.key}"
+                hr = match_sr(sr, p.hr, max(8, 2 * scale), where) if entry.source == "folder" else p.hr
                 try:
                     scores = suite.score(sr, hr)
                 except ValueError as exc:
-                    raise BenchmarkError(f"{src.name}/{p.key}: cannot score ({exc})") from exc
+                    raise BenchmarkError(f"{where}: cannot score ({exc})") from exc
                 if suite.fid is not None:
                     if not store.features_path(HR_LABEL, src.name, p.key).is_file():
                         store.save_features(HR_LABEL, src.name, p.key, suite.features(hr))
@@ -289,18 +284,21 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
                               "step": step if step is not None else entry.step})
                 bar.update(1)
     bar.close()
-    sources.loaded = None
-    if spec.rank != 0:
-        return None
+    return keys_of
+
+
+def _gather(spec: SweepSpec, store: ResultStore, suite: MetricSuite,
+            keys_of: dict[str, list[str]]) -> tuple[list[dict], list[dict]]:
+    """Rank 0: wait for every pair's images, write the pair files; return summaries and per-image rows."""
     summaries, per_image = [], []
     for src in spec.sets:
-        keys = pairs_of[src.name]
+        keys = keys_of[src.name]
         for entry in spec.entries:
             if not store.is_done(entry.label, src.name, suite.names):
                 recs = store.wait_complete(entry.label, src.name, keys, suite.names, spec.world,
                                            spec.gather_timeout)
                 step = entry.step
-                if step is None:
+                if step is None:  # explicit weights files: the step recorded when they were loaded
                     step = next((r.get("step") for r in recs.values() if r.get("step") is not None), None)
                 store.finalize(entry.label, src.name, keys, suite.names, recs, step, entry.source)
             summary = store.summary(entry.label, src.name)
@@ -308,8 +306,26 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
             recs = store.records(entry.label, src.name)
             per_image += [{"checkpoint": entry.label, "step": summary["step"], "set": src.name, **recs[k]}
                           for k in keys]
+    return summaries, per_image
+
+
+def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
+    """Evaluate this rank's share of every (entry, set) pair; on rank 0 also gather and report.
+
+    Returns the report paths and summaries on rank 0, None on the other ranks.
+    """
     from .report import write_plots, write_tables
 
+    store = ResultStore(spec.out)
+    settings = _settings(spec)
+    store.check_settings(settings)
+    suite = MetricSuite(spec.metrics, settings["scale"], lpips_weights=spec.lpips_weights,
+                        fid_weights=spec.fid_weights, device=spec.device or default_device())
+    keys_of = _score_share(spec, store, suite, settings)
+    if spec.rank != 0:
+        return None
+    summaries, per_image = _gather(spec, store, suite, keys_of)
+    set_names = names(spec.sets)
     out = Path(spec.out)
     paths = write_tables(out, summaries, per_image, set_names, suite.names, settings)
     plots = write_plots(out, summaries, set_names, suite.names)
@@ -324,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate checkpoints of a run (and/or weight files, e.g. the authors' "
         "model_ckpt_steps_400000.ckpt) on benchmark sets, next to plain bicubic upsampling.",
-        epilog=__doc__.split("\n\n", 1)[0])
+        epilog=__doc__)
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--run", help="training run folder (reads <run>/weights/stepN.pt and <run>/config.yaml)")
     src.add_argument("--ckpts", nargs="+", default=["all"],

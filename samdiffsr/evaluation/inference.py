@@ -29,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_from_dict, load_config, parse_override
+from ..data.images import ImageError, find_images, read_image
 from ..imresize import imresize_torch
 from ..models.diffusion import GaussianDiffusion, build_model
 from ..models.weights import WeightsError, extract_state_dict, load_state_strict
@@ -48,9 +50,10 @@ class InferenceError(RuntimeError):
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when a GPU is there (one process per GPU under torchrun/deepspeed), else CPU."""
+    """``cuda:LOCAL_RANK`` when a GPU is there (one process per GPU under torchrun/deepspeed/srun), else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -266,10 +269,6 @@ def infer_folder(loaded: LoadedModel, img_dir: str | Path, save_dir: str | Path,
     Outputs that exist are skipped unless ``overwrite``. Unreadable images are reported (path and
     reason) in the returned summary's ``failed`` and do not stop the others.
     """
-    from tqdm import tqdm
-
-    from ..data.images import ImageError, find_images, read_image
-
     img_dir, save_dir = Path(img_dir), Path(save_dir)
     names, _ = find_images(img_dir)
     if not names:
