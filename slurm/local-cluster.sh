@@ -51,6 +51,18 @@ daemon_pid() {
     echo "$pid"
 }
 
+# Like daemon_pid, but also accepts a daemon that was just launched and has not exec'd yet: for a
+# moment after `setsid ... &` the recorded PID still runs bash or setsid (seen on loaded machines).
+daemon_starting_or_alive() {
+    local name=$1 pidfile="$DIR/pids/$1.pid" pid comm
+    [[ -f "$pidfile" ]] || return 1
+    pid=$(<"$pidfile")
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ "$comm" == "$name" || "$comm" == setsid || "$comm" == bash ]] || return 1
+    ! is_zombie "$pid"
+}
+
 # An exited process its parent has not reaped yet (state Z): gone for our purposes.
 is_zombie() {
     [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" == Z ]]
@@ -171,7 +183,7 @@ wait_for() {
             return 0
         fi
         for name in "${daemons[@]}"; do
-            daemon_pid "$name" >/dev/null || die "$name exited while waiting for $what; see $DIR/log/$name.out"
+            daemon_starting_or_alive "$name" || die "$name exited while waiting for $what; see $DIR/log/$name.out"
         done
         sleep 0.2
     done
