@@ -271,3 +271,13 @@ def test_sweep_over_a_real_short_training_run(bench_inputs, tmp_path):
     rows = {(s["checkpoint"], s["step"]) for s in json.loads((out / "results.json").read_text())["summary"]}
     assert rows == {("bicubic", None), ("step00000002", 2), ("step00000004", 4)}
     assert (out / "plot_psnr_y.png").is_file() and "| step00000004 | 4 |" in (out / "results.md").read_text()
+
+
+def test_table_shows_the_papers_reported_numbers_next_to_sets_named_like_theirs():
+    from samdiffsr.evaluation.report import markdown_table
+
+    rows = [{"checkpoint": "bicubic", "step": None, "set": s, "source": "bicubic",
+             "metrics": {"psnr_y": 28.0, "psnr_y_paper": 28.5}} for s in ("Set5", "B100", "mine")]
+    md = markdown_table(rows, ["Set5", "B100", "mine"], ["psnr_y", "psnr_y_paper"], {})
+    assert "| paper, reported (400k) | 400000 | - / 30.99 | - / 26.47 | - / - |" in md
+    assert "paper, reported" not in markdown_table(rows, ["mine"], ["psnr_y"], {})

@@ -20,6 +20,25 @@ METRIC_INFO = {
 }
 
 
+# SAM-DiffSR's reported 4x results (their 400k-step checkpoint; pyiqa PSNR-Y / SSIM, no border crop), by set.
+PAPER_REPORTED = {
+    "set5": (30.99, 0.8731), "set14": (27.14, 0.7484), "urban100": (25.54, 0.7721),
+    "bsds100": (26.47, 0.7003), "manga109": (29.43, 0.8899), "general100": (30.30, 0.8353),
+    "div2kvalid": (29.34, 0.8109),
+}
+_PAPER_ALIASES = {"b100": "bsds100", "bsd100": "bsds100", "div2k": "div2kvalid", "div2kval": "div2kvalid"}
+
+
+def paper_reported(set_name: str) -> dict[str, float]:
+    """The paper's psnr_y_paper / ssim_y_paper for a set named like one of theirs (else empty)."""
+    key = "".join(c for c in set_name.lower() if c.isalnum())
+    key = _PAPER_ALIASES.get(key, key)
+    if key not in PAPER_REPORTED:
+        return {}
+    psnr, ssim = PAPER_REPORTED[key]
+    return {"psnr_y_paper": psnr, "ssim_y_paper": ssim}
+
+
 def _fmt(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -83,6 +102,12 @@ def markdown_table(summaries: Sequence[dict[str, Any]], sets: Sequence[str], met
             s = cell.get((label, set_name))
             vals.append(" / ".join(_fmt(m, s["metrics"].get(m)) for m in metrics) if s else "-")
         lines.append(f"| {label} | {'' if step is None else step} | " + " | ".join(vals) + " |")
+    paper = {name: paper_reported(name) for name in sets}
+    if any(paper[name] and any(m in paper[name] for m in metrics) for name in sets):
+        vals = [" / ".join(_fmt(m, paper[name].get(m)) for m in metrics) for name in sets]
+        lines.append("| paper, reported (400k) | 400000 | " + " | ".join(vals) + " |")
+        lines += ["", "`paper, reported`: the SAM-DiffSR paper's own table (their released checkpoint, paper protocol "
+                  "only), for comparison; not measured here."]
     lines += ["", "Metrics:"]
     for m in metrics:
         desc, _, higher = METRIC_INFO.get(m, (m, 4, True))
