@@ -158,28 +158,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _ddpm_update(model: GaussianDiffusion, x: torch.Tensor, eps: torch.Tensor, t: int,
-                 noise: torch.Tensor) -> torch.Tensor:
-    """One ancestral DDPM step; the same arithmetic, in the same order, as the model's own sampler."""
-    x0 = (model.sqrt_recip_alphas_cumprod[t] * x - model.sqrt_recipm1_alphas_cumprod[t] * eps).clamp(-1.0, 1.0)
-    mean = model.posterior_mean_coef1[t] * x0 + model.posterior_mean_coef2[t] * x
-    if t == 0:
-        return mean
-    return mean + (0.5 * model.posterior_log_variance_clipped[t]).exp() * noise
-
-
-def _ddim_update(model: GaussianDiffusion, x: torch.Tensor, eps_pred: torch.Tensor, t: int, t_prev: int,
-                 noise: torch.Tensor | None, eta: float) -> torch.Tensor:
-    """One respaced DDIM step, as the model's own sampler does it."""
-    x0 = (model.sqrt_recip_alphas_cumprod[t] * x - model.sqrt_recipm1_alphas_cumprod[t] * eps_pred).clamp(-1, 1)
-    abar = model.alphas_cumprod[t]
-    abar_prev = model.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar)
-    eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-    out = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
-    return out + sigma * noise if noise is not None else out
-
-
 @torch.no_grad()
 def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: Sequence[torch.Tensor],
                  generators: Sequence[torch.Generator], *, steps: int | None = None, eta: float = 0.0,
@@ -229,19 +207,18 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
         accs: list[torch.Tensor | None] = [None] * len(xs)
         for part, cond in chunks:
             x_in = torch.cat([grids[i].hr_crop(xs[i], k) for i, k in part])
-            tt = torch.full((len(part),), t, device=device, dtype=torch.long)
             with _autocast(device, dtype):
-                eps = model.denoise_fn(x_in, tt, cond)
+                eps = model.predict_noise(x_in, t, cond)
             eps = eps.to(x_in.dtype)
             for j, (i, k) in enumerate(part):
                 accs[i] = grids[i].accumulate(accs[i], k, eps[j:j + 1])
         for i, grid in enumerate(grids):
             eps_i = grid.finish(accs[i])
+            # The model's own update steps, with noise drawn when and as its sampler draws it.
             if full:
-                noise = randn(i) if t > 0 else torch.zeros_like(xs[i])
-                xs[i] = _ddpm_update(model, xs[i], eps_i, t, noise)
+                xs[i] = model.ddpm_update(xs[i], eps_i, t, randn(i) if t > 0 else None)
             else:
                 t_prev = schedule[n + 1] if n + 1 < len(schedule) else -1
                 noise = randn(i) if eta > 0 and t_prev >= 0 else None
-                xs[i] = _ddim_update(model, xs[i], eps_i, t, t_prev, noise, eta)
+                xs[i] = model.ddim_update(xs[i], eps_i, t, t_prev, noise, eta)
     return [model.res2img(x, up) for x, up in zip(xs, lr_ups, strict=True)]
