@@ -18,13 +18,13 @@ import argparse
 import contextlib
 import datetime
 import platform
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from results_file import write_section  # bench/results_file.py
 
 from samdiffsr.config import load_config
 from samdiffsr.evaluation.tiling import sample_tiled
@@ -71,14 +71,6 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the ``## sample`` section of a results file, leaving the others as they are."""
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(r"^## sample\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["On CPU batching gains little (the convolutions already use every core). On a GPU: "
                       "`python bench/sample.py --device cuda --lr-size 64 --batch 16 --precision bf16` "
                       "(bench/gpu.sh).", ""]
-        write_section(Path(args.write), "\n".join(lines) + "\n")
+        write_section(Path(args.write), "sample", "\n".join(lines[1:]))
         print(f"written to {args.write}")
     return 0
 

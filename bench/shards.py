@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
+from results_file import cpu_name, write_section  # bench/results_file.py
 
 from samdiffsr.data.reader import read_samples
 from samdiffsr.data.samples import MaskSource
@@ -108,22 +108,7 @@ def folder_mb(out: Path) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the ``## name`` section of RESULTS.md, keeping the other sections."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"## {name}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
+    return f"{cpu_name()}, Python {platform.python_version()}, numpy {np.__version__}"
 
 
 def _burn(n: int) -> int:

@@ -20,9 +20,7 @@ import json
 import math
 import os
 import pickle
-import platform
 import random
-import re
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from results_file import cpu_name, write_section  # bench/results_file.py
 from torch.utils.data import DataLoader, Dataset
 
 from samdiffsr.config import DataConfig
@@ -174,25 +173,7 @@ def device_seconds(pattern: str, device: torch.device, batch: int, scale: int, p
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}"
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the ``## name`` section of RESULTS.md, keeping the other sections."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"## {name}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
+    return f"{cpu_name()}, torch {torch.__version__}, numpy {np.__version__}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def _as_batch(key: str, hr: np.ndarray, lr: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
     return {
         "key": key,
-        "hr": torch.from_numpy(np.ascontiguousarray(hr)).permute(2, 0, 1)[None],
-        "lr": torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None],
-        "mask": torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None, None],
+        "hr": torch.from_numpy(np.array(hr)).permute(2, 0, 1)[None],
+        "lr": torch.from_numpy(np.array(lr)).permute(2, 0, 1)[None],
+        "mask": torch.from_numpy(np.array(mask, np.float32))[None, None],
     }
 
 

@@ -54,7 +54,7 @@ def _resize(x: torch.Tensor) -> torch.Tensor:
 
 def _unit_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> (1, 3, H, W) float32 in [0, 1], as torchvision's ``ToTensor``."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def _clean_input(img255: np.ndarray) -> torch.Tensor:

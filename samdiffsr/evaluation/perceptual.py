@@ -166,7 +166,7 @@ def _as_input(x: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tenso
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8:
             raise TypeError(f"numpy inputs must be uint8 HxWx3 or NxHxWx3 RGB, got {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0
+        t = torch.from_numpy(np.array(x, copy=True)).float() / 127.5 - 1.0
         t = (t[None] if t.ndim == 3 else t).permute(0, 3, 1, 2)
     elif torch.is_tensor(x):
         if not x.is_floating_point():

@@ -78,7 +78,7 @@ def validate(model: nn.Module, task: str, batches: list[dict[str, Any]], *, devi
                 for name, img in (("lr", lr_nearest[0].to(torch.uint8)), ("bicubic", bic8), ("sr", sr8),
                                   ("hr", hr)):
                     images[f"{i}/{name}"] = (img if isinstance(img, torch.Tensor)
-                                             else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+                                             else torch.from_numpy(np.array(img)).permute(2, 0, 1))
     finally:
         model.train(was_training)
     n = max(len(batches), 1)
