@@ -370,7 +370,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
         if len(set(digests)) != 1:
             log.error("the ranks hold different weights at the end of training: %s", digests)
         summary = {"step": step, "loss": host["loss"], "run_dir": str(t.run_dir), "world_size": world_size,
-                   "stopped": stopped, "resumed_from": str(resume.load_dir / resume.tag) if resume else None,
+                   "stopped": stopped and step < t.max_steps,  # a stop on the last step is just the end
+                   "resumed_from": str(resume.load_dir / resume.tag) if resume else None,
                    "nonfinite_steps": int(bad_total), "data_errors": host["data_errors"],
                    "engine_skipped_steps": int(engine.skipped_steps), "weights_sha256_per_rank": digests}
     finally:
