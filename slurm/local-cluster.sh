@@ -39,28 +39,32 @@ DIR=$(realpath -m "$DIR")
 CONF="$DIR/slurm.conf"
 export SLURM_CONF="$CONF"
 
-# PID recorded for daemon $1, if that process is alive and is really that daemon (/proc/PID/comm).
-daemon_pid() {
-    local name=$1 pidfile="$DIR/pids/$1.pid" pid comm
+# "PID COMM" of the process recorded for daemon $1, if it is alive (and not a zombie).
+recorded_process() {
+    local pidfile="$DIR/pids/$1.pid" pid comm
     [[ -f "$pidfile" ]] || return 1
     pid=$(<"$pidfile")
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ "$comm" == "$name" ]] || return 1
     is_zombie "$pid" && return 1
-    echo "$pid"
+    echo "$pid $comm"
+}
+
+# PID recorded for daemon $1, if that process is alive and is really that daemon (/proc/PID/comm).
+daemon_pid() {
+    local rec
+    rec=$(recorded_process "$1") || return 1
+    [[ "${rec#* }" == "$1" ]] || return 1
+    echo "${rec%% *}"
 }
 
 # Like daemon_pid, but also accepts a daemon that was just launched and has not exec'd yet: for a
 # moment after `setsid ... &` the recorded PID still runs bash or setsid (seen on loaded machines).
 daemon_starting_or_alive() {
-    local name=$1 pidfile="$DIR/pids/$1.pid" pid comm
-    [[ -f "$pidfile" ]] || return 1
-    pid=$(<"$pidfile")
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ "$comm" == "$name" || "$comm" == setsid || "$comm" == bash ]] || return 1
-    ! is_zombie "$pid"
+    local rec comm
+    rec=$(recorded_process "$1") || return 1
+    comm=${rec#* }
+    [[ "$comm" == "$1" || "$comm" == setsid || "$comm" == bash ]]
 }
 
 # An exited process its parent has not reaped yet (state Z): gone for our purposes.
