@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,8 +188,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return "" if value is None else str(value)
-    if isinstance(origin, type) and origin is types.UnionType:  # pragma: no cover - unused today
-        return value
     return value
 
 
