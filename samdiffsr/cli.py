@@ -1,0 +1,94 @@
+"""Command-line conventions shared by every launcher: exit codes, user errors, one-line messages.
+
+A *user error* is something the person running the command can fix (a bad option, config key or value, a
+missing or unreadable input file, a file that is not a checkpoint): it is printed as one line,
+``PROG: error: message``, by rank 0 only, and exits with :data:`EXIT_USAGE`. Anything else is a bug and
+keeps its traceback. Library exceptions opt in by subclassing :class:`UserError`.
+
+Exit codes (the README's table):
+
+====  =====================================================================================
+0     done
+1     done, bad inputs skipped (make_shards; infer: some images failed)
+2     user error: bad option, config key or value, missing or invalid input file
+3     not finished: stopped for a requeue (SIGUSR2), ``--stop-after``, merge with parts missing
+4     failed (a worker error): rerun to resume
+5     no space left on device
+130   interrupted (Ctrl-C): rerun to resume
+====  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_OK = 0
+EXIT_SKIPPED = 1
+EXIT_USAGE = 2
+EXIT_UNFINISHED = 3
+EXIT_FAILED = 4
+EXIT_NO_SPACE = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = {EXIT_OK: "done", EXIT_SKIPPED: "done, bad inputs skipped", EXIT_USAGE: "user error",
+              EXIT_UNFINISHED: "not finished", EXIT_FAILED: "failed (rerun to resume)",
+              EXIT_NO_SPACE: "no space left on device", EXIT_INTERRUPTED: "interrupted (rerun to resume)"}
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message alone (one line) is what they see."""
+
+    exit_code = EXIT_USAGE
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun / deepspeed (``RANK``) or srun (``SLURM_PROCID``); 0 otherwise."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def fail(prog: str, message: str, code: int = EXIT_USAGE, kind: str = "error") -> int:
+    """Print ``PROG: kind: message`` on one line (rank 0 only) and return ``code``."""
+    if process_rank() == 0:
+        print(f"{prog}: {kind}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No such file or directory: PATH`` rather than Python's ``[Errno 2] ...`` form."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    return f"{exc.strerror or 'cannot open'}: {exc.filename}"
+
+
+def run_cli(prog: str, main: Callable[[], int | None]) -> int:
+    """Run a command's ``main`` and turn user errors, a full disk and Ctrl-C into one line and an exit code."""
+    try:
+        return main() or EXIT_OK
+    except UserError as exc:
+        return fail(prog, str(exc), exc.exit_code)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        return fail(prog, describe_os_error(exc))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return fail(prog, f"no space left on device{where}", EXIT_NO_SPACE)
+    except KeyboardInterrupt:
+        return fail(prog, "rerun the same command to resume", EXIT_INTERRUPTED, kind="interrupted")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``PROG: error: message (see --help)``, exit 2, rank 0 only."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, f"{message} (see --help)")
+        raise SystemExit(EXIT_USAGE)
