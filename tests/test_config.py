@@ -61,3 +61,36 @@ def test_round_trip_through_dict():
     again = config_from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again, Config)
     assert again.deepspeed == {"zero_optimization": {"stage": 1}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=0", "config key 'train.max_steps': must be >= 1, got 0"),
+    ("train.max_steps=-5", "config key 'train.max_steps': must be >= 1, got -5"),
+    ("optim.lr=-1e-3", "config key 'optim.lr': must be > 0, got -0.001"),
+    ("optim.lr=.nan", "config key 'optim.lr': must be > 0, got nan"),
+    ("train.ckpt_every=0", "config key 'train.ckpt_every': must be >= 1, got 0"),
+    ("train.log_every=0", "config key 'train.log_every': must be >= 1, got 0"),
+    ("optim.decay_steps=0", "config key 'optim.decay_steps': must be >= 1, got 0"),
+    ("train.val_every=-1", "config key 'train.val_every': must be >= 0, got -1"),
+    ("data.workers=-1", "config key 'data.workers': must be >= 0, got -1"),
+    ("optim.betas=[0.9,1.5]", "config key 'optim.betas[1]': must be in [0, 1), got 1.5"),
+    ("model.dim_mults=[1,0]", "config key 'model.dim_mults': must be a non-empty list of integers >= 1"),
+    ("model.rrdb_num_block=1", "config key 'model.rrdb_num_block': must be >= 2"),
+])
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_smallest_valid_rrdb_builds_a_unet_with_no_empty_layer():
+    import torch
+
+    from samdiffsr.models.diffusion import build_model
+
+    cfg = load_config(None, ["model.rrdb_num_block=2", "model.hidden_size=8", "model.dim_mults=[1,2]",
+                             "model.rrdb_num_feat=8", "model.rrdb_growth=4"])
+    model = build_model(cfg.model)
+    assert all(p.numel() > 0 for p in model.parameters())
+    lr = torch.zeros(1, 3, 8, 8)
+    assert model.sample(lr, torch.zeros(1, 3, 32, 32), steps=2).shape == (1, 3, 32, 32)
