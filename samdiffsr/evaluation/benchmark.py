@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import Config, ConfigError, load_config
 from ..imresize import imresize
+from ..models.samplers import SAMPLERS
 from ..models.weights import WeightsError
 from . import metrics as pixel
 from .inference import (
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="model config (default: <run>/config.yaml, else the weights' own)")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (fewer than T: respaced DDIM)")
     s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (all T steps, the default), ddim or dpmpp_2m (DPM-Solver++ 2M, with --steps)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=4, help="images (or tiles) per network call")
     s.add_argument("--tile", type=int, default=0, help="tile size in LR pixels (0: whole images)")
@@ -421,8 +424,8 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     out = args.out or (str(Path(args.run) / "benchmark") if args.run else None)
     if not out:
         raise BenchmarkError("give --out (the default, <run>/benchmark, needs --run)")
-    sampler = SamplerSettings(steps=args.steps, eta=args.eta, seed=args.seed, tile=args.tile,
-                              overlap=args.overlap, precision=args.precision, batch=args.batch)
+    sampler = SamplerSettings(steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed,
+                              tile=args.tile, overlap=args.overlap, precision=args.precision, batch=args.batch)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     return SweepSpec(out=out, entries=entries, sets=sets, metrics=metrics,
                      config=cfg, config_path=config_path, overrides=tuple(args.overrides), sampler=sampler,

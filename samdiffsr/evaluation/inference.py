@@ -35,6 +35,7 @@ from ..config import Config, ConfigError, config_from_dict, load_config, parse_o
 from ..data.images import ImageError, find_images, read_image
 from ..imresize import imresize_torch
 from ..models.diffusion import GaussianDiffusion, build_model
+from ..models.samplers import SAMPLERS
 from ..models.weights import WeightsError, extract_state_dict, load_state_strict
 from .tiling import TileGrid, lr_multiple, sample_tiled
 
@@ -157,8 +158,9 @@ def to_uint8(sr: torch.Tensor) -> np.ndarray:
 class SamplerSettings:
     """How images are sampled; everything that changes an output is here (batch and device are not)."""
 
-    steps: int | None = None  # None: all T steps (DDPM); fewer: respaced DDIM
+    steps: int | None = None  # None: all T steps (DDPM); fewer: respaced DDIM (or ``sampler``)
     eta: float = 0.0
+    sampler: str | None = None  # one of models.samplers.SAMPLERS; None: ddpm, or ddim when steps < T
     seed: int = 0
     tile: int = 0  # LR pixels; 0 = whole images
     overlap: int = 16  # LR pixels
@@ -168,8 +170,11 @@ class SamplerSettings:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the results (for resume checks)."""
-        return {"steps": self.steps, "eta": self.eta, "seed": self.seed, "tile": self.tile,
-                "overlap": self.overlap if self.tile > 0 else None, "precision": self.precision}
+        identity = {"steps": self.steps, "eta": self.eta, "seed": self.seed, "tile": self.tile,
+                    "overlap": self.overlap if self.tile > 0 else None, "precision": self.precision}
+        if self.sampler is not None:  # absent for the default, so results written before it still resume
+            identity["sampler"] = self.sampler
+        return identity
 
 
 @dataclass
@@ -235,8 +240,8 @@ class SuperResolver:
                   for lr in lrs]
         gens = [torch.Generator().manual_seed(image_seed(s.seed, k)) for k in keys]
         srs = sample_tiled(self.model, [a for a, _ in inputs], [b for _, b in inputs], gens,
-                           steps=s.steps, eta=s.eta, tile=s.tile, overlap=s.overlap, batch=s.batch,
-                           dtype=PRECISIONS[s.precision], progress=s.progress_steps)
+                           steps=s.steps, eta=s.eta, sampler=s.sampler, tile=s.tile, overlap=s.overlap,
+                           batch=s.batch, dtype=PRECISIONS[s.precision], progress=s.progress_steps)
         return [to_uint8(sr[..., :lr.shape[0] * scale, :lr.shape[1] * scale]) for sr, lr in zip(srs, lrs, strict=True)]
 
     def run(self, items: Sequence[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
@@ -319,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps; fewer than the model's T "
                    "uses the respaced DDIM sampler (default: all T, ancestral DDPM)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta with --steps (0: deterministic)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddpm (the paper's T-step chain, the "
+                   "default), ddim, or dpmpp_2m (DPM-Solver++ 2M: 10-20 steps keep the full chain's quality)")
     p.add_argument("--seed", type=int, default=0, help="run seed (each image's noise is seeded from it and "
                    "its file name)")
     p.add_argument("--batch", type=int, default=1, help="images (or tiles) per network call")
@@ -342,9 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_model(args.ckpt, args.config, overrides=args.overrides, device=args.device,
                             prefer_ema=not args.no_ema, lr_up_divisor=args.lr_up_divisor)
-        settings = SamplerSettings(steps=args.steps, eta=args.eta, seed=args.seed, tile=args.tile,
-                                   overlap=args.overlap, precision=args.precision, batch=args.batch,
-                                   progress_steps=not args.quiet)
+        settings = SamplerSettings(steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed,
+                                   tile=args.tile, overlap=args.overlap, precision=args.precision,
+                                   batch=args.batch, progress_steps=not args.quiet)
         info = loaded.info
         print(f"loaded {info['path']} ({info['layout']} layout, step {info.get('step')}, "
               f"{'EMA' if info.get('ema') else 'raw'} weights) on {next(loaded.model.parameters()).device}; "

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from ..config import ModelConfig
 from ..models.diffusion import GaussianDiffusion
+from ..models.samplers import Sampler
 
 # The UNet reads every third RRDB trunk feature (cond[2::3]); only those are cached (see _keep_used).
 _USED_FEATURE_START, _USED_FEATURE_STEP = 2, 3
@@ -161,6 +162,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: Sequence[torch.Tensor],
                  generators: Sequence[torch.Generator], *, steps: int | None = None, eta: float = 0.0,
+                 sampler: str | None = None,
                  tile: int = 0, overlap: int = 16, batch: int = 4, dtype: torch.dtype | None = None,
                  progress: bool = False) -> list[torch.Tensor]:
     """Super-resolve several images together; returns SR images (1, 3, H, W) in [-1, 1], in order.
@@ -168,7 +170,8 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
     ``lrs[i]`` (1, 3, h, w) and ``lr_ups[i]`` (1, 3, h*s, w*s) are in [-1, 1] on the model's device,
     ``h`` and ``w`` multiples of :func:`lr_multiple`. ``tile``/``overlap`` are in LR pixels (``tile`` <= 0:
     whole images); ``batch`` is the number of tiles per UNet call; ``dtype`` (bf16/fp16) runs the networks
-    under autocast while the sampler state stays fp32. ``steps`` < T uses the respaced DDIM sampler.
+    under autocast while the sampler state stays fp32. ``sampler``/``steps``/``eta`` as in
+    `GaussianDiffusion.sample` (default: the full DDPM chain; ``steps`` < T alone: respaced DDIM).
     """
     if not (len(lrs) == len(lr_ups) == len(generators)):
         raise ValueError("lrs, lr_ups and generators must have the same length")
@@ -196,14 +199,14 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
         return torch.randn(lr_ups[i].shape, generator=gen, device=gen.device).to(device, lr_ups[i].dtype)
 
     xs = [randn(i) for i in range(len(lrs))]
-    schedule = model.timestep_schedule(steps)
-    full = len(schedule) == model.num_timesteps
-    iterator = schedule
+    reverses = [Sampler(model, sampler, steps, eta) for _ in lrs]  # one reverse process per image
+    timesteps = reverses[0].timesteps if reverses else []
+    iterator: Iterable[tuple[int, int]] = enumerate(timesteps)
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(schedule, desc="sampling", leave=False)
-    for n, t in enumerate(iterator):
+        iterator = tqdm(iterator, total=len(timesteps), desc="sampling", leave=False)
+    for n, t in iterator:
         accs: list[torch.Tensor | None] = [None] * len(xs)
         for part, cond in chunks:
             x_in = torch.cat([grids[i].hr_crop(xs[i], k) for i, k in part])
@@ -213,12 +216,7 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
             for j, (i, k) in enumerate(part):
                 accs[i] = grids[i].accumulate(accs[i], k, eps[j:j + 1])
         for i, grid in enumerate(grids):
-            eps_i = grid.finish(accs[i])
             # The model's own update steps, with noise drawn when and as its sampler draws it.
-            if full:
-                xs[i] = model.ddpm_update(xs[i], eps_i, t, randn(i) if t > 0 else None)
-            else:
-                t_prev = schedule[n + 1] if n + 1 < len(schedule) else -1
-                noise = randn(i) if eta > 0 and t_prev >= 0 else None
-                xs[i] = model.ddim_update(xs[i], eps_i, t, t_prev, noise, eta)
+            reverse = reverses[i]
+            xs[i] = reverse.step(xs[i], grid.finish(accs[i]), n, randn(i) if reverse.needs_noise(n) else None)
     return [model.res2img(x, up) for x, up in zip(xs, lr_ups, strict=True)]

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .rrdb import RRDBNet
+from .samplers import Sampler
 from .unet import Unet
 
 
@@ -187,14 +188,14 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, img_lr: torch.Tensor, img_lr_up: torch.Tensor, *,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               steps: int | None = None, eta: float = 0.0,
+               steps: int | None = None, eta: float = 0.0, sampler: str | None = None,
                progress: bool = False) -> torch.Tensor:
         """Super-resolve a batch: returns SR images in [-1, 1] shaped like ``img_lr_up``.
 
-        The full T-step ancestral DDPM sampler by default; ``steps`` < T uses a respaced DDIM
-        sampler (``eta`` = 0 deterministic, 1 ancestral). Randomness comes only from ``generator``
-        (noise is drawn on the generator's device then moved, so a CPU generator reproduces the
-        same result on any device) or from ``noise``, the initial x_T.
+        ``sampler`` is one of `samplers.SAMPLERS`; by default the full T-step ancestral DDPM chain, or
+        respaced DDIM when ``steps`` < T (``eta`` = 0 deterministic, 1 ancestral). Randomness comes only
+        from ``generator`` (noise is drawn on the generator's device then moved, so a CPU generator
+        reproduces the same result on any device) or from ``noise``, the initial x_T.
         """
         shape = img_lr_up.shape
         device = img_lr_up.device
@@ -205,20 +206,15 @@ class GaussianDiffusion(nn.Module):
 
         x = noise.to(device, img_lr_up.dtype).clone() if noise is not None else randn()
         _, cond = self.encode_lr(img_lr)  # once per batch, not per step
-        schedule = self.timestep_schedule(steps)
-        iterator: Iterable[int] = schedule
+        reverse = Sampler(self, sampler, steps, eta)
+        iterator: Iterable[tuple[int, int]] = enumerate(reverse.timesteps)
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(schedule, desc="sampling", leave=False)
-        full = len(schedule) == self.num_timesteps
-        for i, t in enumerate(iterator):
-            if full:
-                x = self.ddpm_update(x, self.predict_noise(x, t, cond), t, randn() if t > 0 else None)
-            else:
-                t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
-                step_noise = randn() if eta > 0 and t_prev >= 0 else None
-                x = self.ddim_update(x, self.predict_noise(x, t, cond), t, t_prev, step_noise, eta)
+            iterator = tqdm(iterator, total=len(reverse), desc="sampling", leave=False)
+        for i, t in iterator:
+            eps = self.predict_noise(x, t, cond)
+            x = reverse.step(x, eps, i, randn() if reverse.needs_noise(i) else None)
         return self.res2img(x, img_lr_up)
 
 
