@@ -75,7 +75,7 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> int:
         return main() or EXIT_OK
     except UserError as exc:
         return fail(prog, str(exc), exc.exit_code)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         return fail(prog, describe_os_error(exc))
     except OSError as exc:
         if exc.errno != errno.ENOSPC:

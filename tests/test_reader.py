@@ -69,3 +69,12 @@ def test_read_samples_from_a_real_tar(tmp_path):
             writer.write(raw)
     keys = [s["key"] for s in read_samples(path)]
     assert keys == ["img_0", "img_1", "img_2"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_mask_values_are_rejected(bad):
+    raw, *_ = raw_sample("tile_7")
+    values = np.array([0.0, bad, 0.5], np.float32)
+    raw["segval.npy"] = npy(values)
+    with pytest.raises(SampleError, match=r"sample tile_7: mask values \(segval.npy\) must be finite"):
+        decode_sample(raw)

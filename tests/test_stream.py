@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from samdiffsr.config import DataConfig
+from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CropSpec, aligned_crop
 from samdiffsr.data.reader import encode_mask
 from samdiffsr.data.shardlist import expand_shards, shard_sizes, slot_shards
@@ -245,3 +245,41 @@ def test_val_images_from_benchmark_shards_and_from_an_hr_folder(tmp_path):
     assert got[0]["mask"].shape == (1, 1, 40, 32) and not got[0]["mask"].any()
     out = to_model_inputs(got[1], "cpu", SCALE)
     assert out["img_lr_up"].shape == out["img_hr"].shape == (1, 3, 28, 44)
+
+
+def test_a_shard_listed_in_sizes_json_but_missing_is_reported_and_counted(tmp_path, caplog):
+    write_shards(tmp_path, sizes=(3, 3, 3))
+    (tmp_path / "train-000001.tar").unlink()
+    with caplog.at_level(logging.WARNING):
+        stream = TrainStream(make_cfg(str(tmp_path)), batch_size=2, scale=SCALE, seed=0)
+    assert "1 of 3 shards are missing" in caplog.text and "train-000001.tar" in caplog.text
+    assert stream.counts["missing_shards"] == 1
+    batches(stream)
+    assert stream.counts["missing_shards"] == 1 and stream.counts["read_errors"] >= 1, stream.counts
+    other_rank = TrainStream(make_cfg(str(tmp_path)), batch_size=2, scale=SCALE, seed=0, rank=1, world_size=2)
+    assert other_rank.counts["missing_shards"] == 0  # counted once per run: the ranks' counts are summed
+
+
+@pytest.mark.parametrize("source", ["nowhere", "nowhere/train-{000000..000003}.tar"])
+def test_a_nonexistent_shard_path_says_not_found(tmp_path, source):
+    with pytest.raises(ConfigError, match=r"config key 'data.train_shards': shards not found: .*nowhere"):
+        TrainStream(make_cfg(str(tmp_path / source)), batch_size=2, scale=SCALE, seed=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_mask_values_are_counted_as_bad_samples(tmp_path, bad):
+    write_shards(tmp_path, sizes=(4,))
+    rng = np.random.default_rng(1)
+    with wds.TarWriter(str(tmp_path / "train-000001.tar")) as sink:
+        for j in range(4):
+            sample = _tile(rng, 32, 32)
+            if j == 2:
+                values = np.load(io.BytesIO(sample["segval.npy"])).copy()
+                values[3] = bad
+                sample["segval.npy"] = _npy(values)
+            sink.write({"__key__": f"s1_{j}", **sample})
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-000000.tar": 4, "train-000001.tar": 4}))
+    stream = TrainStream(make_cfg(str(tmp_path), shuffle_buffer=1), batch_size=2, scale=SCALE, seed=0)
+    got = batches(stream)
+    assert all(torch.isfinite(b["mask"]).all() for b in got)
+    assert stream.counts["bad_samples"] >= 1, stream.counts

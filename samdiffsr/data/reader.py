@@ -90,6 +90,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             raise SampleError(f"sample {key}: mask {labels.shape} does not match hr {hr.shape[:2]}")
         if labels.size and int(labels.max()) >= values.size:
             raise SampleError(f"sample {key}: mask label {int(labels.max())} outside its value table")
+        if values.dtype.kind not in "fiu" or not np.isfinite(values).all():
+            raise SampleError(f"sample {key}: mask values (segval.npy) must be finite numbers")
         mask = np.take(values.astype(np.float32, copy=False), labels)
     else:
         mask = np.zeros(hr.shape[:2], np.float32)

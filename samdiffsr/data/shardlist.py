@@ -34,16 +34,46 @@ def derive_seed(*key: int) -> int:
 
 
 def expand_shards(source: str) -> list[str]:
-    """Shard paths from a brace pattern (``a-{000..009}.tar``), ``::``-joined list, glob, or directory."""
+    """Shard paths from a brace pattern (``a-{000..009}.tar``), ``::``-joined list, glob, or directory.
+
+    A directory gives its ``*.tar`` files and every shard its ``sizes.json`` lists, so that a listed shard
+    that went missing is reported (:func:`missing_shards`) instead of silently left out.
+    """
     if os.path.isdir(source):
-        urls = sorted(glob.glob(os.path.join(source, "*.tar")))
-    else:
-        urls = []
-        for url in expand_urls(source):
-            urls += sorted(glob.glob(url)) if glob.has_magic(url) else [url]
+        names = {os.path.basename(p) for p in glob.glob(os.path.join(source, "*.tar"))}
+        names |= set(_read_sizes(source, warn=False))
+        urls = [os.path.join(source, name) for name in sorted(names)]
+        if not urls:
+            raise FileNotFoundError(f"no shards (*.tar) in folder {source}")
+        return urls
+    urls = []
+    for url in expand_urls(source):
+        urls += sorted(glob.glob(url)) if glob.has_magic(url) else [url]
     if not urls:
         raise FileNotFoundError(f"no shards match {source!r}")
+    if len(missing_shards(urls)) == len(urls):
+        raise FileNotFoundError(f"shards not found: {source}")
     return urls
+
+
+def missing_shards(urls: list[str]) -> list[str]:
+    """The local shard paths among ``urls`` that do not exist (remote URLs and pipes are not checked)."""
+    return [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+
+
+def _read_sizes(folder: str, warn: bool = True) -> dict:
+    """``folder/sizes.json`` ({shard basename: count}); empty (with a warning) when absent or unreadable."""
+    path = os.path.join(folder, SIZES_FILE)
+    try:
+        with open(path) as f:
+            sizes = json.load(f)
+        if not isinstance(sizes, dict):
+            raise ValueError("not a mapping")
+        return sizes
+    except (OSError, ValueError) as exc:
+        if warn:
+            log.warning("no usable %s (%s): counting shards from their headers", path, exc)
+        return {}
 
 
 def _count_tar(url: str) -> int:
@@ -68,13 +98,7 @@ def shard_sizes(urls: list[str]) -> list[int]:
     for url in urls:
         folder = os.path.dirname(url)
         if folder not in manifests:
-            path = os.path.join(folder, SIZES_FILE)
-            try:
-                with open(path) as f:
-                    manifests[folder] = json.load(f)
-            except (OSError, ValueError) as exc:
-                log.warning("no usable %s (%s): counting shards from their headers", path, exc)
-                manifests[folder] = {}
+            manifests[folder] = _read_sizes(folder)
         n = manifests[folder].get(os.path.basename(url))
         sizes.append(int(n) if isinstance(n, int) else _count_tar(url))
     return sizes

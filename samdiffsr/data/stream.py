@@ -41,16 +41,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from samdiffsr.config import DataConfig
+from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CROP_DRAWS, CropSpec, aligned_crop, collate, fits
 from samdiffsr.data.reader import decode_sample
-from samdiffsr.data.shardlist import derive_seed, expand_shards, shard_sizes, slot_shards
+from samdiffsr.data.shardlist import derive_seed, expand_shards, missing_shards, shard_sizes, slot_shards
 from samdiffsr.data.tarread import read_shard
 from samdiffsr.imresize import imresize_torch
 
 log = logging.getLogger(__name__)
 
-COUNT_KEYS = ("bad_samples", "read_errors", "small_tiles")
+COUNT_KEYS = ("bad_samples", "read_errors", "small_tiles", "missing_shards")
 _BAD, _READ, _SMALL = range(3)
 # Stream ids mixed into the seeds so that each random stream of a slot is independent.
 _SAMPLE_SHUFFLE, _CROPS, _CROP_SHUFFLE = 2, 3, 4
@@ -201,7 +201,14 @@ class TrainStream:
             raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         if data_cfg.crops_per_tile < 1 or data_cfg.workers < 0:
             raise ValueError("data.crops_per_tile must be >= 1 and data.workers >= 0")
-        urls = expand_shards(data_cfg.train_shards)
+        try:
+            urls = expand_shards(data_cfg.train_shards)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config key 'data.train_shards': {exc}") from exc
+        missing = missing_shards(urls)
+        if missing:  # listed (sizes.json, pattern) but absent: each read of it is also a counted read error
+            log.warning("%d of %d shards are missing: %s%s", len(missing), len(urls), ", ".join(missing[:5]),
+                        " ..." if len(missing) > 5 else "")
         sizes = shard_sizes(urls)
         if data_cfg.samples_per_epoch > 0:
             per_rank = data_cfg.samples_per_epoch
@@ -214,6 +221,7 @@ class TrainStream:
         self.prefetch_factor = data_cfg.prefetch_factor
         self.pin_memory = pin_memory
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.counts["missing_shards"] = len(missing) if rank == 0 else 0  # summed over ranks when logged
         spec = CropSpec(data_cfg.patch_size, scale, data_cfg.hflip, data_cfg.vflip, data_cfg.rot90)
         self._plan = _Plan(tuple(urls), tuple(sizes), spec, batch_size, data_cfg.crops_per_tile,
                            data_cfg.shuffle_buffer, data_cfg.resampled, seed, rank, world_size,
