@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from samdiffsr.cli import ArgumentParser
 from samdiffsr.data.manifest import StateError, atomic_write_bytes, merge_parts
 from samdiffsr.data.samples import MaskSource
 from samdiffsr.data.shardwriter import (
@@ -81,7 +82,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from samdiffsr.masks.sam import AMG_DEFAULTS, MODEL_BUILDERS
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="make_shards",
         description="Turn an image folder into SAM-DiffSR WebDataset shards: aligned HR / MATLAB-bicubic LR / "
         "SPE-mask tiles (or whole-image benchmark pairs). With no arguments: build the demo shards in "

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from samdiffsr.cli import UserError
 from samdiffsr.data.images import find_images
 from samdiffsr.data.manifest import (
     FORMAT,
@@ -50,7 +51,7 @@ EXIT_CODES = {0: "done", 1: "done, bad inputs skipped", 2: "usage or settings er
               3: "not finished", 4: "failed (rerun to resume)", 130: "interrupted (rerun to resume)"}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """The job cannot start: no images, bad settings."""
 
 
@@ -293,6 +294,8 @@ def default_workers(masks: MaskSource) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``make_shards`` command line (see ``--help``); returns the exit code."""
-    from samdiffsr.data.shardcli import run_cli
+    from samdiffsr.cli import run_cli
+    from samdiffsr.data import shardcli
 
-    return run_cli(sys.argv[1:] if argv is None else list(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    return run_cli("make_shards", lambda: shardcli.run_cli(args))
