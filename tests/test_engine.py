@@ -199,6 +199,13 @@ def test_nonfinite_losses_skip_the_update_and_stop_the_run(data, tmp_path, zero)
         assert all(torch.equal(after_1[key][k], after_3[key][k]) for k in after_1[key]), key
 
 
+def test_skipped_steps_are_reported_with_their_own_step_numbers(data, tmp_path, caplog):
+    # Steps 2.. are NaN; the log interval (5) ends later than the run of bad steps starts.
+    with pytest.raises(NonFiniteLossError, match=r"4 optimizer steps in a row had a NaN/Inf loss \(steps 2 to 5;"):
+        run(data, tmp_path, "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=2", "train.log_every=5")
+    assert "step(s) 2-5: NaN/Inf loss, the update was skipped" in caplog.text
+
+
 def test_corrupt_shard_is_skipped_counted_and_training_goes_on(tmp_path, data):
     shards = write_shards(tmp_path / "shards", sizes=(4, 4, 4), corrupt_shard=1)
     out = main(["--config", str(REPO / "configs" / "demo.yaml"), *TINY, f"data.train_shards={shards}",

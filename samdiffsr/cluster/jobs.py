@@ -28,20 +28,19 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from samdiffsr.train.stop import EXIT_TERMINATED, StopRequest
+
 log = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 3  # a rank stopped at a SIGUSR2 checkpoint: requeue the job (slurm/train.sbatch)
-EXIT_TERMINATED = 128 + signal.SIGTERM  # stopped at a SIGTERM checkpoint: Slurm ends (or requeues) the job
 MASTER_PORTS = (20000, 60000)  # as submitit's TorchDistributedEnvironment
 
 
@@ -85,40 +84,6 @@ def limit_threads(environ: Mapping[str, str]) -> None:
         import torch
 
         torch.set_num_threads(int(cpus))
-
-
-# --- the stop request ------------------------------------------------------------------------------
-class StopRequest:
-    """A flag set by signal handlers; the engine calls it after every step (``stop_requested``)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.received: list[signal.Signals] = []
-
-    def __call__(self) -> bool:
-        return self._event.is_set()
-
-    def request(self, signum: int) -> None:
-        self.received.append(signal.Signals(signum))
-        self._event.set()
-
-    @contextmanager
-    def catching(self, *signums: int) -> Iterator[dict[int, Any]]:
-        """While inside: these signals only set the flag. Yields the handlers they replaced."""
-        previous = {s: signal.getsignal(s) for s in signums}
-
-        def handler(signum: int, frame: object) -> None:
-            log.warning("caught %s: every rank saves a checkpoint at the next step boundary, then stops",
-                        signal.Signals(signum).name)
-            self.request(signum)
-
-        for s in signums:
-            signal.signal(s, handler)
-        try:
-            yield previous
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def wait_to_be_ended(seconds: float, why: str) -> None:

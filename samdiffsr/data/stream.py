@@ -26,14 +26,21 @@ up to that many decoded tiles alive (~0.7 MB each).
 
 Corrupt samples, unreadable shards and tiles smaller than the patch are skipped with a warning and
 counted in ``TrainStream.counts``; only a stream that yields nothing usable for many shards raises.
+
+Signals: the workers ignore the signals given as ``worker_ignores`` (the engine's stop signals), so that a
+signal sent to the whole process group (Slurm, ``kill -- -PGID``, a launcher) leaves them to their rank,
+which saves a checkpoint and then shuts them down. They are blocked while the workers start, so none is
+lost or kills a worker in between. A worker still ends when its rank dies (torch's watchdog).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -186,6 +193,13 @@ class _EpochDataset(IterableDataset):
             yield batch
 
 
+def _ignore_signals(signums: tuple[signal.Signals, ...], worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore ``signums``, then unblock them (blocked at the workers' start)."""
+    for s in signums:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
 class TrainStream:
     """Per-rank training batches: ``epoch_batches`` (equal on all ranks) and ``iter_epoch``.
 
@@ -196,7 +210,8 @@ class TrainStream:
     """
 
     def __init__(self, data_cfg: DataConfig, *, batch_size: int, scale: int, seed: int, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False) -> None:
+                 world_size: int = 1, pin_memory: bool = False,
+                 worker_ignores: tuple[signal.Signals, ...] = ()) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         if data_cfg.crops_per_tile < 1 or data_cfg.workers < 0:
@@ -220,6 +235,7 @@ class TrainStream:
         self.workers = data_cfg.workers
         self.prefetch_factor = data_cfg.prefetch_factor
         self.pin_memory = pin_memory
+        self.worker_ignores = tuple(worker_ignores)
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self.counts["missing_shards"] = len(missing) if rank == 0 else 0  # summed over ranks when logged
         spec = CropSpec(data_cfg.patch_size, scale, data_cfg.hflip, data_cfg.vflip, data_cfg.rot90)
@@ -234,13 +250,20 @@ class TrainStream:
         loader = DataLoader(
             _EpochDataset(self._plan, epoch, skip_batches), batch_size=None, num_workers=self.workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.workers else None,
+            worker_init_fn=partial(_ignore_signals, self.worker_ignores) if self.worker_ignores else None,
         )
         return self._counted(loader)
 
     def _counted(self, loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
         before = dict(self.counts)
         latest: dict[int, tuple[int, ...]] = {}
-        for batch in loader:
+        # Starting the iterator starts the workers: they inherit the blocked mask until _ignore_signals.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.worker_ignores)
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for batch in batches:
             latest[batch.pop("worker")] = batch.pop("counts")
             now = [sum(c[i] for c in latest.values()) for i in range(len(COUNT_KEYS))]
             self.counts = {k: before[k] + n for k, n in zip(COUNT_KEYS, now, strict=True)}

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from samdiffsr.cli import EXIT_OK, EXIT_UNFINISHED, ArgumentParser, run_cli
 from samdiffsr.config import Config, ConfigError, config_from_dict, load_config
 from samdiffsr.data.stream import TrainStream, to_model_inputs
 from samdiffsr.data.val import load_val_images
@@ -46,6 +48,7 @@ from samdiffsr.models import build_model, load_rrdb_weights, save_weights
 from samdiffsr.train import checkpoints
 from samdiffsr.train.ema import EMA
 from samdiffsr.train.logs import RunLog
+from samdiffsr.train.stop import EXIT_TERMINATED, STOP_SIGNALS, StopRequest
 from samdiffsr.train.validation import validate
 
 log = logging.getLogger(__name__)
@@ -271,7 +274,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
         ema.load_state_dict(saved_ema)
 
     stream = TrainStream(cfg.data, batch_size=micro, scale=m.sr_scale, seed=t.seed, rank=rank,
-                         world_size=world_size, pin_memory=device.type == "cuda")
+                         world_size=world_size, pin_memory=device.type == "cuda", worker_ignores=STOP_SIGNALS)
     batches = _positioned_batches(stream, *position)
     val_set = (load_val_images(cfg.data.val_shards, cfg.data.val_images, m.sr_scale)
                if rank == 0 and cfg.data.val_shards and t.val_every > 0 else [])
@@ -298,6 +301,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     bad_total = torch.zeros((), dtype=torch.long, device=device)
     bad_run = torch.zeros_like(bad_total)
     bad_run_max = torch.zeros_like(bad_total)
+    bad_run_end = torch.zeros_like(bad_total)  # the step that ended the longest run of this log interval
     last_saved = step if resume is not None else -1
     host: dict[str, Any] = {"loss": float("nan"), "data_errors": dict(stream.counts)}
     stopped, summary = False, None
@@ -333,6 +337,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
             if ema is not None:
                 ema.update((1.0 - ema.decay) * applied.float())
             bad_run = (bad_run + 1) * skipped
+            bad_run_end = torch.where(bad_run > bad_run_max, step + 1, bad_run_end)
             bad_run_max = torch.maximum(bad_run_max, bad_run)
             bad_total += skipped
             step += 1
@@ -344,11 +349,12 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
             if step % t.log_every == 0 or checkpoint_now:
                 host = _flush(runlog, step, engine, stream, bad_total, grad_norm, scaler, device)
                 if int(bad_run_max) >= t.max_bad_steps:
+                    n, end = int(bad_run_max), int(bad_run_end)
                     raise NonFiniteLossError(
-                        f"{int(bad_run_max)} optimizer steps in a row had a NaN/Inf loss (limit "
-                        f"train.max_bad_steps={t.max_bad_steps}), the last at step {step}; those updates were "
-                        "skipped, the weights are those of the last good step. Lower optim.lr or check the data.")
-                bad_run_max = bad_run.clone()
+                        f"{n} optimizer steps in a row had a NaN/Inf loss (steps {end - n + 1} to {end}; limit "
+                        f"train.max_bad_steps={t.max_bad_steps}); those updates were skipped, the weights are "
+                        "those of the last good step. Lower optim.lr or check the data.")
+                bad_run_max, bad_run_end = bad_run.clone(), torch.full_like(bad_run_end, step)
             t0 = time.perf_counter()
             if checkpoint_now:
                 save()
@@ -425,7 +431,7 @@ def _flush(runlog: RunLog, step: int, engine: Any, stream: TrainStream, bad_tota
 
 # --- command line ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train SAM-DiffSR (task=diffusion) or its RRDB (task=rrdb).")
+    parser = ArgumentParser(prog="train", description="Train SAM-DiffSR (task=diffusion) or its RRDB (task=rrdb).")
     parser.add_argument("--config", help="YAML config (configs/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="passed by the deepspeed launcher; the LOCAL_RANK variable is what is used")
@@ -442,6 +448,19 @@ def main(argv: list[str] | None = None, stop_requested: Callable[[], bool] | Non
 
 
 def cli() -> int:
-    """Console-script entry point (exit status 0 on success)."""
-    main()
-    return 0
+    """Console-script entry point: 0 on success; a user error is one line by rank 0 and exit 2 (samdiffsr.cli)."""
+    return run_cli("train", train_until_signalled)
+
+
+def train_until_signalled() -> int:
+    """`main` with SIGTERM / SIGUSR2 caught (samdiffsr/train/stop.py): every rank saves at the next step.
+
+    Exit status after such a stop: 3 (not finished) after SIGUSR2, 143 after SIGTERM alone, as
+    `samdiffsr.cluster.jobs.run_rank` under srun.
+    """
+    stop = StopRequest()
+    with stop.catching(*STOP_SIGNALS):
+        summary = main(stop_requested=stop)
+    if not summary["stopped"]:
+        return EXIT_OK
+    return EXIT_TERMINATED if stop.received and signal.SIGUSR2 not in stop.received else EXIT_UNFINISHED

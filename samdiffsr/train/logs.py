@@ -8,12 +8,15 @@ Files in the run folder:
   dropped (they belong to the part of the run that is being redone), like TensorBoard's ``purge_step``.
 - ``summary.json``: written when training ends.
 
+Steps whose update was skipped (NaN/Inf loss) are also named in a warning at the log interval that holds them.
+
 Per-step values stay on the device until a log interval (no ``.item()`` per step).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,22 @@ import torch
 
 from samdiffsr.config import Config, save_config
 from samdiffsr.train.checkpoints import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def step_ranges(steps: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``'3-5, 9'``."""
+    parts: list[str] = []
+    start = prev = None
+    for s in [*steps, None]:
+        if s is not None and prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = s
+    return ", ".join(parts)
 
 
 def truncate_losses(path: Path, last_step: int) -> None:
@@ -97,6 +116,9 @@ class RunLog:
         losses = torch.stack(self._losses).float().cpu().tolist()
         skipped = torch.stack(self._skipped).cpu().tolist()
         out["loss"] = losses[-1]
+        bad = [s for s, skip in zip(self._steps, skipped, strict=True) if skip]
+        if self.enabled and bad:
+            log.warning("step(s) %s: NaN/Inf loss, the update was skipped", step_ranges(bad))
         if self.enabled:
             with self.losses_path.open("a") as f:
                 for s, loss, skip in zip(self._steps, losses, skipped, strict=True):
