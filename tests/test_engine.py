@@ -139,10 +139,11 @@ def test_resume_settings(data, tmp_path):
     out = run(data, tmp_path / "b", "train.max_steps=3", f"train.resume={tag_dir}")
     assert out["resumed_from"] == str(tag_dir) and out["step"] == 3
 
-    # A `latest` that names an incomplete checkpoint (killed mid-write) is an error, not a silent restart.
+    # A `latest` that names an incomplete checkpoint, with no other to fall back to, is an error, not a
+    # silent restart (tests/test_checkpoints.py: the fallback to an older checkpoint).
     marker = (tag_dir / checkpoints.COMPLETE).read_text()
     (tag_dir / checkpoints.COMPLETE).unlink()
-    with pytest.raises(checkpoints.CheckpointError, match="incomplete"):
+    with pytest.raises(checkpoints.CheckpointError, match="none is complete"):
         run(data, tmp_path / "a", "train.max_steps=4")
     # And a checkpoint DeepSpeed cannot read is an error that names it.
     (tag_dir / checkpoints.COMPLETE).write_text(marker)

@@ -21,6 +21,7 @@ This module does not import DeepSpeed or torch.distributed: the engine passes it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -33,6 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from samdiffsr.io import atomic_torch_save, atomic_write, atomic_write_text, short_reason, torch_load, writing
+
+log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 COMPLETE = "complete.json"
@@ -50,18 +55,6 @@ def tag_for(step: int) -> str:
 def step_of(tag: str) -> int | None:
     m = TAG_RE.match(tag)
     return int(m.group(1)) if m else None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # --- RNG state -------------------------------------------------------------------------------------
@@ -115,40 +108,73 @@ def read_latest(ckpt_dir: Path) -> ResumePoint | None:
     latest = ckpt_dir / LATEST
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
-    if not tag or _complete(ckpt_dir / tag) is None:
-        raise CheckpointError(f"{latest} names '{tag}', but {ckpt_dir / tag} is missing or incomplete "
-                              f"(no {COMPLETE}); fix or remove {latest} to start over")
+    tag = latest.read_text(errors="replace").strip()
+    if step_of(tag) is None:
+        raise CheckpointError(f"{latest} is garbled (it holds {tag[:40]!r}, not a checkpoint name)")
+    if _complete(ckpt_dir / tag) is None:
+        raise CheckpointError(f"{latest} names '{tag}', but {ckpt_dir / tag} is missing or incomplete (no {COMPLETE})")
     return ResumePoint(ckpt_dir, tag)
 
 
-def resolve_resume(setting: str, ckpt_dir: Path) -> ResumePoint | None:
-    """Where to resume from, per ``train.resume``.
+def complete_points(ckpt_dir: Path) -> list[ResumePoint]:
+    """The complete checkpoints of ``ckpt_dir`` (``complete.json`` readable), newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p.name) is not None]
+    return [ResumePoint(ckpt_dir, t) for t in sorted(tags, key=step_of, reverse=True)
+            if _complete(ckpt_dir / t) is not None]
 
-    ``auto``: the run folder's latest checkpoint if there is one, else a fresh start. ``must``: the latest,
-    an error when there is none. ``never``: a fresh start; an error if the run folder already holds
-    checkpoints (a second run would interleave with them). Anything else is a path: a tag folder
-    (``.../checkpoints/step00001000``) or a checkpoints folder (its ``latest``), possibly of another run.
+
+def _newest_first(ckpt_dir: Path) -> list[ResumePoint]:
+    """What to try, newest complete checkpoint first; what is skipped on the way is logged with the reason.
+
+    ``latest`` normally names the newest complete checkpoint. When it is garbage or names a checkpoint that
+    is missing or incomplete, that is said, and the older complete checkpoints are still tried. A complete
+    checkpoint newer than ``latest`` (a job killed between ``complete.json`` and ``latest``) is whole: it
+    comes first. Folders without ``complete.json`` (interrupted saves) are never tried.
+    """
+    points = complete_points(ckpt_dir)
+    try:
+        read_latest(ckpt_dir)
+    except CheckpointError as exc:
+        log.warning("%s; %s", exc, f"trying {points[0].load_dir / points[0].tag} instead" if points
+                    else "and no other checkpoint is complete")
+    if not points and (ckpt_dir / LATEST).is_file():
+        found = sorted(p.name for p in ckpt_dir.iterdir() if p.name != LATEST)
+        raise CheckpointError(f"{ckpt_dir} holds checkpoints ({', '.join(found) or 'none left'}) but none is "
+                              f"complete (no {COMPLETE}); not starting from scratch over them: remove "
+                              f"{ckpt_dir} to start over, or give train.resume a checkpoint path")
+    return points
+
+
+def resolve_resume(setting: str, ckpt_dir: Path) -> list[ResumePoint]:
+    """The checkpoints to try, in order, per ``train.resume``; empty for a fresh start.
+
+    ``auto``: the run folder's complete checkpoints, newest first (the engine takes the first one that
+    loads and says which it skipped and why), else a fresh start. ``must``: the same, an error when there
+    is none. ``never``: a fresh start; an error if the run folder already holds checkpoints (a second run
+    would interleave with them). Anything else is a path: a tag folder (``.../checkpoints/step00001000``),
+    or a checkpoints folder (its complete checkpoints, newest first), possibly of another run.
     """
     if setting == "never":
-        if read_latest(ckpt_dir) is not None:
+        if complete_points(ckpt_dir) or (ckpt_dir / LATEST).is_file():
             raise CheckpointError(f"train.resume=never but {ckpt_dir} already holds checkpoints; use another "
                                   "train.run_dir, remove them, or resume (train.resume=auto)")
-        return None
+        return []
     if setting in ("auto", "must"):
-        point = read_latest(ckpt_dir)
-        if point is None and setting == "must":
+        points = _newest_first(ckpt_dir)
+        if not points and setting == "must":
             raise CheckpointError(f"train.resume=must but there is no checkpoint in {ckpt_dir}")
-        return point
+        return points
     path = Path(setting)
     if (path / COMPLETE).is_file():
-        return ResumePoint(path.parent, path.name)
+        return [ResumePoint(path.parent, path.name)]
     if path.is_dir():
-        point = read_latest(path)
-        if point is not None:
-            return point
+        points = _newest_first(path)
+        if points:
+            return points
     raise CheckpointError(f"train.resume={setting!r}: not a complete checkpoint folder nor a checkpoints "
-                          f"folder with a '{LATEST}' file")
+                          f"folder holding one")
 
 
 def saved_config(point: ResumePoint) -> dict[str, Any]:
@@ -173,7 +199,7 @@ def load(engine: Any, point: ResumePoint, rank: int, world_size: int) -> tuple[d
         load_path, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
     except Exception as exc:  # DeepSpeed raises many types for truncated or mismatched files
-        raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(exc).__name__}: {short_reason(exc)}") from exc
     if load_path is None or client is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}")
     rng = None
@@ -181,8 +207,32 @@ def load(engine: Any, point: ResumePoint, rank: int, world_size: int) -> tuple[d
     if meta.get("world_size") == world_size:
         if not rng_file.is_file():
             raise CheckpointError(f"checkpoint {tag_dir} lacks {rng_file.name}")
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        rng = torch_load(rng_file, CheckpointError, "RNG state file")
     return client, rng
+
+
+def load_newest(engine: Any, points: list[ResumePoint], rank: int, world_size: int,
+                gather: Callable[[str | None], list[str | None]]) -> tuple[ResumePoint, dict[str, Any], dict | None]:
+    """Load the first of ``points`` that every rank can load; returns (point, client state, RNG state).
+
+    Collective: ``gather(error or None)`` returns every rank's outcome, so all ranks move on together.
+    Each skipped checkpoint is logged with the reason; when none loads, the error names them all.
+    """
+    failures = []
+    for point in points:
+        try:
+            client, rng = load(engine, point, rank, world_size)
+            error = None
+        except CheckpointError as exc:
+            error = str(exc)
+        errors = [e for e in gather(error) if e is not None]
+        if not errors:
+            return point, client, rng
+        failures.append(errors[0])
+        if rank == 0:
+            log.warning("not resuming from it: %s", errors[0])
+    raise CheckpointError(f"no checkpoint could be loaded ({'; '.join(failures)}); not starting from scratch "
+                          "over them: remove them to start over")
 
 
 # --- save and retention ----------------------------------------------------------------------------
@@ -208,31 +258,38 @@ class Checkpoints:
             shutil.rmtree(tag_dir, ignore_errors=True)  # leftovers of an attempt killed mid-write
             tag_dir.mkdir()
         barrier()
-        # exclude_frozen_parameters=False: the frozen RRDB travels with the checkpoint, so a resume needs
-        # neither train.rrdb_ckpt nor the exact same file.
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        atomic_torch_save(rng_state, tag_dir / f"rng_rank{self.rank}.pt")
-        barrier()  # every rank's files are on disk before rank 0 commits
-        if self.rank == 0:
-            weights = self.weights_dir / f"{tag}.pt"
-            write_weights(weights)
-            self._link_latest_weights(weights)
-            meta = {"step": step, "tag": tag, "world_size": world_size, "time": time.time(),
-                    "config": client_state.get("config")}
-            atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
-            atomic_write_text(self.dir / LATEST, tag)
-            self.prune(step)
+        try:
+            # exclude_frozen_parameters=False: the frozen RRDB travels with the checkpoint, so a resume needs
+            # neither train.rrdb_ckpt nor the exact same file.
+            with writing(tag_dir):  # torch's writer hides a full disk behind "unexpected pos"
+                engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            atomic_torch_save(rng_state, tag_dir / f"rng_rank{self.rank}.pt")
+            barrier()  # every rank's files are on disk before rank 0 commits
+            if self.rank == 0:
+                weights = self.weights_dir / f"{tag}.pt"
+                write_weights(weights)
+                self._link_latest_weights(weights)
+                meta = {"step": step, "tag": tag, "world_size": world_size, "time": time.time(),
+                        "config": client_state.get("config")}
+                atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
+                atomic_write_text(self.dir / LATEST, tag)
+                self.prune(step)
+        except BaseException:
+            if self.rank == 0 and _complete(tag_dir) is None:  # never resumed from: give its space back
+                shutil.rmtree(tag_dir, ignore_errors=True)
+                (self.weights_dir / f"{tag}.pt").unlink(missing_ok=True)
+            raise
         return tag_dir
 
     def _link_latest_weights(self, weights: Path) -> None:
-        latest = self.weights_dir / "latest.pt"
-        tmp = latest.with_name(f".latest.pt.tmp{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(weights, tmp)  # same bytes, no copy; survives pruning of the step file
-        except OSError:
-            shutil.copyfile(weights, tmp)
-        os.replace(tmp, latest)
+        def link_or_copy(tmp: Path) -> None:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(weights, tmp)  # same bytes, no copy; survives pruning of the step file
+            except OSError:
+                shutil.copyfile(weights, tmp)
+
+        atomic_write(self.weights_dir / "latest.pt", link_or_copy)
 
     def kept_steps(self, steps: list[int], newest: int) -> set[int]:
         done = sorted(s for s in steps if s <= newest)

@@ -193,9 +193,9 @@ def _seed_for(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _broadcast_resume(setting: str, ckpt_dir: Path, rank: int) -> checkpoints.ResumePoint | None:
-    """Rank 0 decides where to resume from; every rank gets the same answer (or the same error)."""
-    box: list[Any] = [None]
+def _broadcast_resume(setting: str, ckpt_dir: Path, rank: int) -> list[checkpoints.ResumePoint]:
+    """Rank 0 decides which checkpoints to try; every rank gets the same answer (or the same error)."""
+    box: list[Any] = [[]]
     if rank == 0:
         try:
             box[0] = checkpoints.resolve_resume(setting, ckpt_dir)
@@ -205,6 +205,13 @@ def _broadcast_resume(setting: str, ckpt_dir: Path, rank: int) -> checkpoints.Re
     if isinstance(box[0], Exception):
         raise checkpoints.CheckpointError(str(box[0]))
     return box[0]
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _positioned_batches(stream: TrainStream, epoch: int, index: int) -> Iterator[tuple[dict, tuple[int, int]]]:
@@ -225,12 +232,12 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
 
     t, m = cfg.train, cfg.model
     ckpts = checkpoints.Checkpoints(t.run_dir, t.keep_last, t.keep_every, rank)
-    resume = _broadcast_resume(t.resume, ckpts.dir, rank)
+    resume_points = _broadcast_resume(t.resume, ckpts.dir, rank)
 
     # Model, optimizer, schedule. The same seed on every rank (and in any world size) gives the same
     # initial weights, so a 2-rank run and a 1-process run start from the same point.
     torch.manual_seed(t.seed)
-    net = build_network(cfg, load_rrdb=resume is None)
+    net = build_network(cfg, load_rrdb=not resume_points)
     objective = TrainingObjective(net, t.task).to(device)
     if t.compile:  # in place: parameter names (and so checkpoints) stay the same
         (net if t.task == "rrdb" else net.denoise_fn).compile()
@@ -251,10 +258,11 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     # The diffusion's t / noise draws: a generator per rank, saved and restored with the checkpoint.
     generator = torch.Generator(device).manual_seed(_seed_for(t.seed, rank, 1))
 
-    step, position, saved_ema, runlog_note = 0, (0, 0), None, "fresh start"
-    if resume is not None:
-        _check_resumable(checkpoints.saved_config(resume), cfg)
-        client, rng = checkpoints.load(engine, resume, rank, world_size)
+    step, position, saved_ema, runlog_note, resume = 0, (0, 0), None, "fresh start", None
+    if resume_points:
+        _check_resumable(checkpoints.saved_config(resume_points[0]), cfg)
+        # The newest checkpoint that loads; a corrupt one is skipped with a warning saying why.
+        resume, client, rng = checkpoints.load_newest(engine, resume_points, rank, world_size, _gather)
         step, position, saved_ema = client["step"], tuple(client["data_position"]), client.get("ema")
         if scaler is not None and client.get("grad_scaler"):
             scaler.load_state_dict(client["grad_scaler"])

@@ -1,0 +1,102 @@
+"""Writing files safely: atomically, without partial leftovers, and with a full disk reported as such.
+
+A write that runs out of space raises ``OSError(ENOSPC, ..., PATH)`` naming the file, which the command
+lines turn into "no space left on device writing PATH" and exit status 5 (:mod:`samdiffsr.cli`). torch's
+file writer hides the cause (``unexpected pos``, ``basic_ios::clear``); :func:`no_space_error` recognises
+it from the exception chain or, failing that, from a file system with no space left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Less free space than this after a failed write: the write ran out of space (torch's errors hide errno).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes available to us on the file system holding ``path`` (its nearest existing folder)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def no_space_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """``OSError(ENOSPC)`` naming ``path`` when ``exc`` came from a full disk while writing it, else None."""
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _chain(exc)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if isinstance(exc, (OSError, RuntimeError)):
+        free = free_bytes(path)
+        if free is not None and free < NEARLY_FULL_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Inside: a failure caused by a full disk becomes ``OSError(ENOSPC)`` naming ``path``."""
+    try:
+        yield
+    except Exception as exc:
+        full = no_space_error(exc, path)
+        if full is None:
+            raise
+        raise full from exc
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path``; on any failure no temporary file is left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with writing(path):
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; an unreadable file raises ``error`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{what} {path} is missing") from None
+    except Exception as exc:  # truncated zip, garbage, foreign pickles: torch raises many types
+        raise error(f"{what} {path} is unreadable (truncated or corrupt: {short_reason(exc)})") from exc
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The gist of an exception in one short line (torch's reader errors run to several sentences)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."

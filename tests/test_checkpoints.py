@@ -1,0 +1,80 @@
+"""Resuming from a damaged run folder: the newest checkpoint that loads is used, never a silent fresh start.
+
+Real runs of the engine in one process (DeepSpeed on CPU), with real files damaged the ways a crash, a
+full disk or a bad copy damage them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, TINY, write_shards
+
+from samdiffsr.config import load_config
+from samdiffsr.models import build_model, save_weights
+from samdiffsr.train import checkpoints
+from samdiffsr.train.engine import main
+
+STEP2, STEP4 = checkpoints.tag_for(2), checkpoints.tag_for(4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    torch.manual_seed(0)
+    rrdb_file = root / "rrdb.pt"
+    save_weights(rrdb_file, build_model(load_config(REPO / "configs" / "demo.yaml", TINY).model).rrdb)
+    return {"shards": write_shards(root / "train"), "rrdb": str(rrdb_file)}
+
+
+def run(data: dict[str, str], run_dir: Path, *extra: str) -> dict:
+    return main(["--config", str(REPO / "configs" / "demo.yaml"), *TINY, "data.workers=0",
+                 f"data.train_shards={data['shards']}", "data.val_shards=", f"train.rrdb_ckpt={data['rrdb']}",
+                 f"train.run_dir={run_dir}", "train.ckpt_every=2", "train.keep_last=5", *extra])
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {  # name -> (damage the run folder, the checkpoint resumed from, what the warning says)
+    "truncated model file": (lambda d: truncate(d / STEP4 / "mp_rank_00_model_states.pt"), STEP2,
+                             f"not resuming from it: cannot load checkpoint {{d}}/{STEP4}: RuntimeError"),
+    "missing complete.json": (lambda d: (d / STEP4 / checkpoints.COMPLETE).unlink(), STEP2,
+                              f"{{d}}/latest names '{STEP4}', but {{d}}/{STEP4} is missing or incomplete"),
+    "truncated rng file": (lambda d: truncate(d / STEP4 / "rng_rank0.pt"), STEP2,
+                           f"RNG state file {{d}}/{STEP4}/rng_rank0.pt is unreadable"),
+    "garbage latest": (lambda d: (d / "latest").write_bytes(b"\x00\xffPK garbage\n"), STEP4,
+                       "{d}/latest is garbled (it holds '\\x00"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_auto_resume_falls_back_to_the_newest_checkpoint_that_loads(data, tmp_path, caplog, damage):
+    run(data, tmp_path, "train.max_steps=4")
+    ckpt_dir = tmp_path / "checkpoints"
+    spoil, expected, warning = DAMAGE[damage]
+    spoil(ckpt_dir)
+    with caplog.at_level(logging.WARNING):
+        out = run(data, tmp_path, "train.max_steps=6")
+    assert out["resumed_from"] == str(ckpt_dir / expected) and out["step"] == 6
+    assert warning.format(d=ckpt_dir) in caplog.text
+    assert (ckpt_dir / "latest").read_text() == checkpoints.tag_for(6)
+
+
+def test_no_loadable_checkpoint_is_an_error_naming_it_not_a_fresh_start(data, tmp_path):
+    run(data, tmp_path, "train.max_steps=2")
+    rng_file = tmp_path / "checkpoints" / STEP2 / "rng_rank0.pt"
+    truncate(rng_file)
+    with pytest.raises(checkpoints.CheckpointError, match=f"no checkpoint could be loaded .*{rng_file}"):
+        run(data, tmp_path, "train.max_steps=4")
+    truncate(tmp_path / "checkpoints" / STEP2 / "mp_rank_00_model_states.pt")
+    with pytest.raises(checkpoints.CheckpointError, match=f"cannot load checkpoint {tmp_path / 'checkpoints' / STEP2}"):
+        run(data, tmp_path, "train.max_steps=4")
+    (tmp_path / "checkpoints" / STEP2 / checkpoints.COMPLETE).unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="none is complete"):
+        run(data, tmp_path, "train.max_steps=4")
+    assert not (tmp_path / "checkpoints" / checkpoints.tag_for(4)).exists()
