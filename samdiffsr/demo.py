@@ -21,11 +21,28 @@ from pathlib import Path
 
 import torch
 
+from samdiffsr.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UserError, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError):
     """A stage of the demo failed; the message names the stage and where its log is."""
+
+    exit_code = EXIT_FAILED
+
+
+def check_settings(rrdb_steps: int | None, steps: int | None, ckpt_every: int | None, ranks: int,
+                   bench_steps: int, overrides: tuple[str, ...]) -> None:
+    """Refuse bad settings before the first stage runs (ConfigError names the key)."""
+    from samdiffsr.config import load_config
+
+    if ranks < 1 or bench_steps < 1:
+        raise UserError(f"--ranks and --bench-steps must be >= 1 (got {ranks}, {bench_steps})")
+    for config, max_steps in (("demo_rrdb.yaml", rrdb_steps), ("demo.yaml", steps)):
+        extra = [f"train.max_steps={max_steps}"] if max_steps is not None else []
+        extra += [f"train.ckpt_every={ckpt_every}"] if ckpt_every is not None else []
+        load_config(REPO / "configs" / config, [*overrides, *extra])
 
 
 def _free_port() -> int:
@@ -128,7 +145,7 @@ def run_demo(workdir: str = "runs", shards: str = "shards/demo", ranks: int = 2,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs", help="where the demo's runs go (default: runs/)")
     parser.add_argument("--shards", default="shards/demo", help="where the demo shards go")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel processes (GPUs, or CPU ranks)")
@@ -137,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint (and benchmark) interval")
     parser.add_argument("--bench-steps", type=int, default=10, help="sampler steps in the demo's benchmark")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
-    args = parser.parse_args(argv)
-    try:
-        run_demo(args.workdir, args.shards, args.ranks, args.rrdb_steps, args.steps, args.ckpt_every,
-                 tuple(args.overrides), args.bench_steps)
-    except DemoError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli("demo", lambda: _run_demo_cli(parser.parse_args(argv)))
+
+
+def _run_demo_cli(args: argparse.Namespace) -> int:
+    check_settings(args.rrdb_steps, args.steps, args.ckpt_every, args.ranks, args.bench_steps, tuple(args.overrides))
+    run_demo(args.workdir, args.shards, args.ranks, args.rrdb_steps, args.steps, args.ckpt_every,
+             tuple(args.overrides), args.bench_steps)
+    return EXIT_OK

@@ -187,3 +187,5 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not match the model" in err and "x.ckpt" in err
+    # one line saying how to build the model the file holds, not the hundreds of keys that differ
+    assert err.count("\n") == 1 and "--config" in err and "model.hidden_size=8 model.dim_mults=[1,1,2,2]" in err

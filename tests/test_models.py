@@ -1,11 +1,13 @@
 """The SAM-DiffSR network: architecture, modulated forward process, sampler, checkpoints."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from samdiffsr.config import ModelConfig
+from samdiffsr.config import ModelConfig, load_config
 from samdiffsr.models import WeightsError, build_model, load_rrdb_weights, load_weights, save_weights
 
 TINY = ModelConfig(hidden_size=16, dim_mults=(1, 2), rrdb_num_block=2, rrdb_num_feat=16, rrdb_growth=8,
@@ -173,7 +175,7 @@ def test_unreadable_checkpoints_fail_clearly(tmp_path):
     save_weights(tmp_path / "w.pt", model)
     data = (tmp_path / "w.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="cut.pt: cannot be read"):
+    with pytest.raises(WeightsError, match="cut.pt: not a readable checkpoint, damaged or truncated"):
         load_weights(model, tmp_path / "cut.pt")
     torch.save({"state_dict": {"model": {"x": np.zeros(2)}}}, tmp_path / "pickle.ckpt")
     with pytest.raises(WeightsError, match="pickle.ckpt"):
@@ -182,3 +184,32 @@ def test_unreadable_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(WeightsError):
         load_weights(model, tmp_path / "cut.pt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(tmp_path, bad):
+    source, target = tiny_model(seed=1), tiny_model(seed=2)
+    with torch.no_grad():
+        source.rrdb.conv_last.bias[1] = bad
+    save_weights(tmp_path / "w.pt", source)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"w.pt: tensor 'rrdb.conv_last.bias' holds NaN or Inf values"):
+        load_weights(target, tmp_path / "w.pt")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_authors_checkpoint_of_another_shape_says_which_overrides_fit(tmp_path):
+    """The paper's model has 17 RRDB blocks and hidden size 64; built from a smaller config, say so."""
+    paper = replace(TINY, rrdb_num_block=5, hidden_size=24, dim_mults=(1, 2, 2), use_attn=True)
+    _authors_checkpoint(build_model(paper), tmp_path / "model_ckpt_steps_400000.ckpt")
+    with pytest.raises(WeightsError) as err:
+        load_weights(tiny_model(), tmp_path / "model_ckpt_steps_400000.ckpt")
+    message = str(err.value)
+    assert message.endswith("or the overrides model.rrdb_num_block=5 model.hidden_size=24 model.dim_mults=[1,2,2] "
+                            "model.use_attn=true"), message
+    assert "--config" in message and "configs/samdiffsr_df2k4x.yaml" in message and "\n" not in message
+    assert len(message) < 400
+    fitted = load_config(None, ["model.hidden_size=24", "model.dim_mults=[1,2,2]", "model.use_attn=true",
+                                "model.rrdb_num_block=5", *(f"model.{k}={getattr(TINY, k)}" for k in
+                                                            ("rrdb_num_feat", "rrdb_growth", "timesteps"))])
+    assert load_weights(build_model(fitted.model), tmp_path / "model_ckpt_steps_400000.ckpt")["layout"] == "authors"

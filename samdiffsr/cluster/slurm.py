@@ -27,7 +27,10 @@ from typing import Any
 
 import submitit
 
+from samdiffsr.cli import ArgumentParser, UserError, run_cli
 from samdiffsr.cluster.jobs import BenchmarkJob, ShardsMerge, ShardsPart, TrainJob, run_rank
+from samdiffsr.config import Config, ConfigError
+from samdiffsr.data.shardlist import expand_shards
 
 COMMANDS = ("train", "shards", "benchmark", "rank")
 DESCRIPTION = """\
@@ -148,12 +151,28 @@ def follow_lines(job: submitit.SlurmJob, what: str) -> list[str]:
             f"              squeue -j {job.job_id}      scancel {job.job_id}"]
 
 
+def check_training_inputs(cfg: Config) -> None:
+    """The files a training job needs at start, checked at submit time: its shards and RRDB weights."""
+    t = cfg.train
+    resuming = t.resume not in ("auto", "never", "must") or (Path(t.run_dir) / "checkpoints" / "latest").exists()
+    if t.task == "diffusion" and not resuming:  # a fresh start loads the RRDB (train/engine.py)
+        if t.freeze_rrdb and not t.rrdb_ckpt:
+            raise ConfigError("config key 'train.rrdb_ckpt': a frozen RRDB (train.freeze_rrdb=true) needs "
+                              "pretrained weights (run the rrdb task first, or give the authors' checkpoint)")
+        if t.rrdb_ckpt and not Path(t.rrdb_ckpt).is_file():
+            raise ConfigError(f"config key 'train.rrdb_ckpt': file not found: {t.rrdb_ckpt}")
+    try:
+        expand_shards(cfg.data.train_shards)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config key 'data.train_shards': {exc}") from exc
+
+
 # --- the commands ------------------------------------------------------------------------------------
 def submit_train(argv: list[str]) -> int:
-    from samdiffsr.config import ConfigError, load_config
+    from samdiffsr.config import load_config
     from samdiffsr.train.engine import deepspeed_config
 
-    p = argparse.ArgumentParser(prog="submit.py [train]", description=DESCRIPTION, epilog=EPILOG,
+    p = ArgumentParser(prog="submit", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="training config (configs/*.yaml)")
     p.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
@@ -163,12 +182,10 @@ def submit_train(argv: list[str]) -> int:
     opts = options_from_args(args)
     overrides = list(args.overrides) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     world = opts.nodes * opts.tasks
-    try:  # refuse before queueing what would fail at start
-        cfg = load_config(args.config, overrides)
-        deepspeed_config(cfg, world)
-    except ConfigError as exc:
-        print(f"submit: error: {exc}", file=sys.stderr)
-        return 2
+    # Refuse before queueing what would fail at start (ConfigError: one line, exit 2, samdiffsr.cli).
+    cfg = load_config(args.config, overrides)
+    deepspeed_config(cfg, world)
+    check_training_inputs(cfg)
     run_dir = Path(cfg.train.run_dir).resolve()
     folder = Path(opts.folder).resolve() if opts.folder else run_dir / "slurm"
     config = str(Path(args.config).resolve()) if args.config else None
@@ -186,8 +203,7 @@ def submit_train(argv: list[str]) -> int:
 
 def _split_dashes(argv: list[str], command: str) -> tuple[list[str], list[str]]:
     if "--" not in argv:
-        raise SystemExit(f"submit.py {command}: put the {command} arguments after '--' "
-                         f"(submit.py {command} [options] -- ARGS)")
+        raise UserError(f"put the {command} arguments after '--' (submit.py {command} [options] -- ARGS)")
     i = argv.index("--")
     return argv[:i], argv[i + 1:]
 
@@ -196,7 +212,7 @@ def submit_shards(argv: list[str]) -> int:
     from samdiffsr.data.shardcli import settings_from_args
 
     ours, rest = _split_dashes(argv, "shards")
-    p = argparse.ArgumentParser(prog="submit.py shards", allow_abbrev=False,
+    p = ArgumentParser(prog="submit shards", allow_abbrev=False,
                                 description="make_shards (launcher/make_shards.py) as a Slurm job array: task i "
                                 "writes part i of P, a dependent job merges the manifests.")
     p.add_argument("--parts", type=int, required=True, help="array tasks = parts of the image list")
@@ -234,15 +250,14 @@ def submit_benchmark(argv: list[str]) -> int:
     from samdiffsr.evaluation.benchmark import build_parser
 
     ours, rest = _split_dashes(argv, "benchmark")
-    p = argparse.ArgumentParser(prog="submit.py benchmark", allow_abbrev=False,
+    p = ArgumentParser(prog="submit benchmark", allow_abbrev=False,
                                 description="launcher/benchmark.py as a Slurm job; its tasks share the images "
                                 "(SLURM_PROCID / SLURM_NTASKS), rank 0 writes the tables.")
     add_slurm_arguments(p)
     args = p.parse_args(ours)
     bench = build_parser().parse_args(rest)
     if not (bench.out or bench.run):
-        print("submit: error: give the benchmark --out, or --run (then <run>/benchmark)", file=sys.stderr)
-        return 2
+        raise UserError("give the benchmark --out, or --run (then <run>/benchmark)")
     opts = options_from_args(args)
     out = Path(bench.out or Path(bench.run) / "benchmark").resolve()
     folder = Path(opts.folder).resolve() if opts.folder else out / "slurm"
@@ -256,9 +271,13 @@ def submit_benchmark(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``launcher/submit.py`` / ``samdiffsr-submit``: dispatch to a command (default: train)."""
+    """``launcher/submit.py`` / ``samdiffsr-submit``: dispatch to a command (default: train).
+
+    A user error is one line and exit 2, before anything is queued (samdiffsr.cli).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "rank":
-        return run_rank(argv)
-    return {"train": submit_train, "shards": submit_shards, "benchmark": submit_benchmark}[command](argv)
+        return run_cli("train", lambda: run_rank(argv))
+    run = {"train": submit_train, "shards": submit_shards, "benchmark": submit_benchmark}[command]
+    return run_cli("submit", lambda: run(argv))

@@ -97,7 +97,7 @@ def read_shard(url: str, bufsize: int = 1 << 20) -> Iterator[dict[str, Any]]:
     local = "://" not in url and not url.startswith(("pipe:", "file:"))
     with open(url, "rb", buffering=bufsize) if local else gopen(url) as stream:
         current: dict[str, Any] | None = None
-        for name, data in iter_tar_files(stream):
+        for name, data in _naming(url, iter_tar_files(stream)):
             key, ext = base_plus_ext(name)
             if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                 continue
@@ -111,3 +111,11 @@ def read_shard(url: str, bufsize: int = 1 << 20) -> Iterator[dict[str, Any]]:
             current[ext] = data
         if current is not None:
             yield current
+
+
+def _naming(url: str, files: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+    """``files``, with a format error's message starting with the shard's path."""
+    try:
+        yield from files
+    except TarFormatError as exc:
+        raise TarFormatError(f"{url}: {exc}") from exc

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, ConfigError, load_config
+from ..cli import ArgumentParser, UserError, run_cli
+from ..config import Config, load_config
 from ..imresize import imresize
 from ..models.samplers import SAMPLERS
-from ..models.weights import WeightsError
 from . import metrics as pixel
 from .inference import (
-    InferenceError,
     LoadedModel,
     SamplerSettings,
     SuperResolver,
@@ -45,16 +43,15 @@ from .inference import (
     save_png,
 )
 from .results import FID, HR_LABEL, GatherTimeout, ResultStore, SettingsMismatch
-from .sets import Pair, SetError, SetSource, find_sr_file, load_share, match_sr, names, parse_set
+from .sets import Pair, SetSource, find_sr_file, load_share, match_sr, names, parse_set
 from .tiling import lr_multiple
-from .weights_files import MissingWeightsError
 
 LPIPS_ALEX = "lpips_alex"
 ALL_METRICS = (*pixel.PIXEL_METRICS, LPIPS_ALEX, FID)
 STEP_FILE = re.compile(r"^step(\d+)\.pt$")
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError, RuntimeError):
     """A user-facing problem with the sweep's arguments or inputs."""
 
 
@@ -337,8 +334,8 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(
+        prog="benchmark", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate checkpoints of a run (and/or weight files, e.g. the authors' "
         "model_ckpt_steps_400000.ckpt) on benchmark sets, next to plain bicubic upsampling.",
         epilog=__doc__)
@@ -436,6 +433,11 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``launcher/benchmark.py``: 0 done, 2 a user error (one line by rank 0; samdiffsr.cli)."""
+    return run_cli("benchmark", lambda: _sweep_cli(argv))
+
+
+def _sweep_cli(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(args)
@@ -445,10 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Several CPU processes on one machine: split the cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
         result = run_sweep(spec)
-    except (BenchmarkError, SetError, MissingWeightsError, WeightsError, ConfigError, InferenceError,
-            GatherTimeout, SettingsMismatch, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (GatherTimeout, SettingsMismatch) as exc:
+        raise UserError(str(exc)) from exc
     if result is None:
         return 0
     print(Path(result["paths"]["md"]).read_text())

@@ -31,19 +31,21 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, config_from_dict, load_config, parse_override
+from ..cli import ArgumentParser, UserError, run_cli
+from ..config import Config, config_from_dict, load_config, parse_override
 from ..data.images import ImageError, find_images, read_image
 from ..imresize import imresize_torch
 from ..models.diffusion import GaussianDiffusion, build_model
 from ..models.samplers import SAMPLERS
-from ..models.weights import WeightsError, extract_state_dict, load_state_strict
+from ..models.weights import extract_state_dict, load_state_strict
+from ..models.weights import read_checkpoint as read_weights_file
 from .tiling import TileGrid, lr_multiple, sample_tiled
 
 AUTHORS_LR_UP_DIVISOR = 256.0  # what the authors' released weights were trained with
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """A user-facing problem with inference inputs or settings."""
 
 
@@ -60,13 +62,7 @@ def default_device() -> torch.device:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint as plain data (tensors and containers only; no code is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, pickled objects, ...
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
+    return read_weights_file(path)
 
 
 @dataclass
@@ -313,8 +309,8 @@ def infer_folder(loaded: LoadedModel, img_dir: str | Path, save_dir: str | Path,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="infer.py", description="Super-resolve a folder of LR images with a SAM-DiffSR checkpoint "
+    p = ArgumentParser(
+        prog="infer", description="Super-resolve a folder of LR images with a SAM-DiffSR checkpoint "
         "(ours or the authors' model_ckpt_steps_400000.ckpt).")
     p.add_argument("--config", help="model config YAML (default: the config saved in the weights file, "
                    "else the paper's model)")
@@ -345,22 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``launcher/infer.py``: 0 done, 1 some images failed, 2 a user error (one line; samdiffsr.cli)."""
+    return run_cli("infer", lambda: _infer_folder_cli(argv))
+
+
+def _infer_folder_cli(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        loaded = load_model(args.ckpt, args.config, overrides=args.overrides, device=args.device,
-                            prefer_ema=not args.no_ema, lr_up_divisor=args.lr_up_divisor)
-        settings = SamplerSettings(steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed,
-                                   tile=args.tile, overlap=args.overlap, precision=args.precision,
-                                   batch=args.batch, progress_steps=not args.quiet)
-        info = loaded.info
-        print(f"loaded {info['path']} ({info['layout']} layout, step {info.get('step')}, "
-              f"{'EMA' if info.get('ema') else 'raw'} weights) on {next(loaded.model.parameters()).device}; "
-              f"bicubic_up uses LR/{loaded.lr_up_divisor:g}", file=sys.stderr)
-        summary = infer_folder(loaded, args.img_dir, args.save_dir, settings, overwrite=args.overwrite,
-                               progress=not args.quiet)
-    except (InferenceError, WeightsError, ConfigError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.ckpt, args.config, overrides=args.overrides, device=args.device,
+                        prefer_ema=not args.no_ema, lr_up_divisor=args.lr_up_divisor)
+    settings = SamplerSettings(steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed,
+                               tile=args.tile, overlap=args.overlap, precision=args.precision,
+                               batch=args.batch, progress_steps=not args.quiet)
+    info = loaded.info
+    print(f"loaded {info['path']} ({info['layout']} layout, step {info.get('step')}, "
+          f"{'EMA' if info.get('ema') else 'raw'} weights) on {next(loaded.model.parameters()).device}; "
+          f"bicubic_up uses LR/{loaded.lr_up_divisor:g}", file=sys.stderr)
+    summary = infer_folder(loaded, args.img_dir, args.save_dir, settings, overwrite=args.overwrite,
+                           progress=not args.quiet)
     for path, reason in summary["failed"]:
         print(f"failed: {path}: {reason}", file=sys.stderr)
     print(f"{summary['done']} images written to {summary['save_dir']}, {summary['skipped']} already done, "

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import UserError
 from ..data.images import ImageError, find_images, read_image
 from ..data.reader import SampleError, read_samples
 from ..data.shardlist import expand_shards
+from ..data.tarread import TarFormatError
 from ..imresize import imresize
 
 
-class SetError(ValueError):
+class SetError(UserError, ValueError):
     """A benchmark set that cannot be used; the message names the set and the file or sample."""
 
 
@@ -122,7 +124,7 @@ def load_share(source: SetSource, scale: int, hr_multiple: int, rank: int = 0,
                     where = f"{source.name}/{sample['key']}"
                     mine.append(Pair(i, sample["key"], *crop_pair(sample["hr"], sample["lr"], scale,
                                                                   hr_multiple, where)))
-        except (SampleError, OSError, tarfile.TarError) as exc:
+        except (SampleError, TarFormatError, OSError, tarfile.TarError) as exc:
             raise SetError(f"benchmark set {source.name} ({source.path}): {exc}") from exc
     if not keys:
         raise SetError(f"benchmark set {source.name} ({source.path}) holds no images")

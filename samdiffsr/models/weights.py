@@ -12,7 +12,6 @@ Formats understood by `load_weights`:
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -20,27 +19,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from samdiffsr.cli import UserError
+from samdiffsr.io import atomic_torch_save
+
+from .architecture import overrides_to_fit
+
 WEIGHTS_FORMAT = "samdiffsr-weights"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weights file is missing, unreadable, or does not match the model."""
 
 
-def _read(path: str | Path) -> Any:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTO = b"\x80"  # the older format: a pickle stream
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """A checkpoint as plain data (tensors and containers; no code is unpickled).
+
+    Anything else is a :class:`WeightsError` of one line naming the file. torch's own message is never
+    passed on where it advises ``weights_only=False``, which would run code from the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO)):
+        raise WeightsError(f"{path}: not a checkpoint (neither a torch zip file nor a pickle)")
     try:
-        # weights_only: a checkpoint is data, never code to run.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: holds objects other than tensors and plain containers, refused by the safe loader "
-            f"({str(exc).splitlines()[0]})"
-        ) from exc
-    except Exception as exc:  # truncated zip, wrong file type, ...
-        raise WeightsError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
+        raise WeightsError(f"{path}: not a checkpoint, or one holding objects other than tensors and plain "
+                           "containers (refused by the safe loader)") from exc
+    except Exception as exc:  # truncated zip, legacy tar format, ...
+        reason = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in reason:
+            reason = "an old or foreign format the safe loader cannot read"
+        raise WeightsError(f"{path}: not a readable checkpoint, damaged or truncated ({reason})") from exc
 
 
 def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -87,7 +104,17 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
             more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
             problems.append(f"{len(items)} {title}: {', '.join(items[:8])}{more}")
     if problems:
+        fit = overrides_to_fit(state, own)
+        if fit:  # the architecture differs: say how to build the right one, not which keys are missing
+            raise WeightsError(
+                f"{source} does not match the model built from the config ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped keys): pass the config it was trained "
+                f"with (--config; the authors' checkpoint is configs/samdiffsr_df2k4x.yaml) or the overrides "
+                f"{' '.join(fit)}")
         raise WeightsError(f"{source} does not match the model: " + "; ".join(problems))
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise WeightsError(f"{source}: tensor '{name}' holds NaN or Inf values; refusing to load it")
     # Schedule buffers must agree too: a checkpoint trained with another schedule is not this model.
     for name, buf in module.named_buffers():
         if name in state and not torch.allclose(state[name].float(), buf.float(), rtol=1e-4, atol=1e-6):
@@ -98,7 +125,7 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
 
 def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) -> dict[str, Any]:
     """Load a full-model checkpoint (ours or the authors') into `model`; returns info (layout, step)."""
-    state, info = extract_state_dict(_read(path), path, prefer_ema)
+    state, info = extract_state_dict(read_checkpoint(path), path, prefer_ema)
     load_state_strict(model, state, str(path))
     return info
 
@@ -106,7 +133,7 @@ def load_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) ->
 def load_rrdb_weights(rrdb: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load RRDB weights from an RRDB-only checkpoint (ours or the authors' pretraining), or take the
     ``rrdb.*`` part of a full-model checkpoint."""
-    state, info = extract_state_dict(_read(path), path, prefer_ema=True)
+    state, info = extract_state_dict(read_checkpoint(path), path, prefer_ema=True)
     if any(k.startswith("rrdb.") for k in state):
         state = {k[len("rrdb."):]: v for k, v in state.items() if k.startswith("rrdb.")}
     load_state_strict(rrdb, state, str(path))
@@ -128,6 +155,4 @@ def save_weights(path: str | Path, model: nn.Module, *, ema: dict[str, torch.Ten
         "step": int(step),
         "config": config,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)  # no partial file left; a full disk is named as such
