@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from samdiffsr.data.images import ImageError, find_images, load_image, read_image
+from samdiffsr.data.images import ImageError, find_images, is_approximate, load_image, read_image
 
 
 def write_png16(path, array: np.ndarray) -> None:
@@ -93,7 +93,6 @@ def test_conversions(tmp_path, photo):
         ("text.png", lambda p, photo: p.write_text("hello, not a picture\n" * 10), "not an image"),
         ("cut.png", lambda p, photo: p.write_bytes(_encoded(photo, "PNG")[:800]), "truncated or corrupt"),
         ("cut.jpg", lambda p, photo: p.write_bytes(_encoded(photo, "JPEG")[:600]), "truncated or corrupt"),
-        ("cmyk.jpg", lambda p, photo: Image.fromarray(photo).convert("CMYK").save(p), "CMYK"),
         ("float.tif", lambda p, photo: Image.fromarray(photo[..., 0].astype(np.float32)).save(p), "floating"),
     ],
 )
@@ -110,3 +109,15 @@ def _encoded(photo, fmt) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def test_cmyk_jpeg_without_icc_profile_is_converted_like_pillow_and_noted_approximate(tmp_path, photo):
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(photo).convert("CMYK").save(path)
+    with Image.open(path) as image:
+        assert image.mode == "CMYK" and not image.info.get("icc_profile")
+        want = np.asarray(image.convert("RGB"))
+    array, note = read_image(path)
+    assert np.array_equal(array, want) and array.dtype == np.uint8 and array.shape == photo.shape
+    assert note == "CMYK without an ICC profile -> RGB by Pillow's formula (colours approximate)"
+    assert is_approximate(note) and not is_approximate("grayscale -> RGB") and not is_approximate(None)

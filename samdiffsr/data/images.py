@@ -11,10 +11,11 @@ Loading (:func:`read_image`) uses Pillow and converts where the conversion is so
   ``Image.convert("RGB")`` does, as the reference pipeline did);
 - 16-bit (``I;16*``, or ``I`` with values in 0..65535) -> 8-bit by the high byte (``v >> 8``), which is
   what Pillow itself does for 16-bit RGB PNG/TIFF and what scikit-image's ``img_as_ubyte`` does;
-- CMYK with an embedded ICC profile -> sRGB through LittleCMS.
+- CMYK with an embedded ICC profile -> sRGB through LittleCMS; without one, Pillow's ``convert("RGB")``
+  formula (what common loaders do), noted as approximate (:func:`is_approximate`) so reports warn.
 
-Rejected, with the reason: empty or truncated files, files Pillow cannot identify, CMYK without an ICC
-profile (no sound conversion), floating-point images (unknown value range), 32-bit integer images outside
+Rejected, with the reason: empty or truncated files, files Pillow cannot identify, floating-point images
+(unknown value range), 32-bit integer images outside
 0..65535, decompression bombs. Multi-frame files (GIF, multi-page TIFF) give their first frame. EXIF
 orientation is not applied: pixels are used as stored, like the reference pipeline and like masks made
 from the same array.
@@ -31,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageCms
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+APPROXIMATE = "colours approximate"
+CMYK_WITHOUT_PROFILE = f"CMYK without an ICC profile -> RGB by Pillow's formula ({APPROXIMATE})"
 
 
 class ImageError(ValueError):
@@ -43,6 +46,11 @@ class ImageError(ValueError):
 
     def __reduce__(self):  # keep both fields across worker processes
         return type(self), (self.path, self.reason)
+
+
+def is_approximate(note: str | None) -> bool:
+    """Whether a conversion note (from :func:`read_image`) marks colours that are only approximate."""
+    return bool(note) and APPROXIMATE in note
 
 
 def is_image_name(name: str) -> bool:
@@ -144,7 +152,7 @@ def _to_rgb8(image: Image.Image, path: Path, depth16: bool) -> tuple[np.ndarray,
     if mode == "CMYK":
         icc = image.info.get("icc_profile")
         if not icc:
-            raise ImageError(path, "CMYK image without an ICC profile: no sound RGB conversion")
+            return np.asarray(image.convert("RGB")), CMYK_WITHOUT_PROFILE
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         rgb = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
         return np.asarray(rgb), "CMYK -> sRGB (embedded ICC profile)"

@@ -203,6 +203,10 @@ def report(summary: ShardSummary, limit: int = 20) -> None:
     print(summary.line())
     for entry in summary.skipped[:limit]:
         print(f"  skipped {entry['file']}: {entry['reason']}")
+    for warning in summary.warnings[:limit]:
+        print(f"  warning {warning}")
+    if len(summary.warnings) > limit:
+        print(f"  ... and {len(summary.warnings) - limit} more warnings (report.json: converted)")
     if len(summary.skipped) > limit:
         print(f"  ... and {len(summary.skipped) - limit} more")
     if summary.finished and summary.missing_parts:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from samdiffsr.cli import UserError
-from samdiffsr.data.images import find_images
+from samdiffsr.data.images import find_images, is_approximate
 from samdiffsr.data.manifest import (
     FORMAT,
     Journal,
@@ -46,6 +46,7 @@ from samdiffsr.data.samples import ImageJob, MaskSource
 from samdiffsr.data.tarshards import TMP_SUFFIX, ShardSink
 from samdiffsr.data.tiles import TileSpec
 from samdiffsr.data.workers import ordered_results
+from samdiffsr.io import writing
 
 EXIT_CODES = {0: "done", 1: "done, bad inputs skipped", 2: "usage or settings error",
               3: "not finished", 4: "failed (rerun to resume)", 130: "interrupted (rerun to resume)"}
@@ -100,6 +101,7 @@ class ShardSummary:
     sharded: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     converted: int = 0
+    warnings: list[str] = field(default_factory=list)  # "file: note" of conversions with approximate colours
     samples: int = 0
     shards: int = 0
     seconds: float = 0.0
@@ -168,7 +170,15 @@ def _shared_json_targets(images: str, files: list[str], masks: MaskSource) -> di
 
 
 def make_shards(s: ShardSettings) -> ShardSummary:
-    """Shard part ``s.part`` of ``s.images`` into ``s.out``; merge the manifests when all parts are done."""
+    """Shard part ``s.part`` of ``s.images`` into ``s.out``; merge the manifests when all parts are done.
+
+    A full disk raises ``OSError(ENOSPC)`` naming the file (a shard) or else the output folder.
+    """
+    with writing(s.out):
+        return _make_shards(s)
+
+
+def _make_shards(s: ShardSettings) -> ShardSummary:
     start = time.perf_counter()
     if not 0 <= s.part < s.num_parts:
         raise ShardError(f"--part must be in 0..{s.num_parts - 1}, got {s.part}")
@@ -272,6 +282,7 @@ def _fill(summary: ShardSummary, images: list[dict], shards: list[dict]) -> None
     summary.skipped = [dict(r["error"], image=r["file"]) for r in images if r.get("error")]
     summary.sharded = sum(1 for r in images if not r.get("error"))
     summary.converted = sum(1 for r in images if r.get("note"))
+    summary.warnings = [f"{r['file']}: {r['note']}" for r in images if is_approximate(r.get("note"))]
     summary.samples = sum(r["samples"] for r in images)
     summary.shards = len(shards)
 
@@ -281,6 +292,7 @@ def _finish(summary: ShardSummary, manifest: dict[str, Any], out: Path) -> Shard
     summary.skipped = manifest["skipped"]
     summary.sharded = manifest["images"]["sharded"]
     summary.converted = len(manifest["converted"])
+    summary.warnings = [f"{c['image']}: {c['note']}" for c in manifest["converted"] if is_approximate(c["note"])]
     summary.samples = manifest["num_samples"]
     summary.shards = len(manifest["shards"])
     summary.missing_parts = merge_parts(out).missing
