@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -263,10 +264,19 @@ def free_port_pair() -> int:
 
 
 def cluster_env(folder: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to reach the cluster; its jobs run this interpreter (PYTHON, slurm/python.sh) even
+    when it is not on PATH (a venv that is not activated)."""
     env = dict(os.environ if base is None else base)
     env["SLURM_CONF"] = str(folder / "slurm.conf")
     env["PATH"] = f"{folder / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHON", sys.executable)
     return env
+
+
+def logs(folder: Path, pattern: str = "*", tail: int = 3000) -> str:
+    """The last ``tail`` characters of each file matching ``pattern`` under ``folder`` (folders are skipped)."""
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-tail:]}"
+                     for p in sorted(folder.glob(pattern)) if p.is_file())
 
 
 def local_cluster(action: str, folder: Path, timeout: float = 90, port: int | None = None) -> str:
