@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from samdiffsr.cli import UserError
+from samdiffsr.cli import EXIT_CODES, UserError  # noqa: F401 - EXIT_CODES: re-exported
 from samdiffsr.data.images import find_images, is_approximate
 from samdiffsr.data.manifest import (
     FORMAT,
@@ -47,9 +47,6 @@ from samdiffsr.data.tarshards import TMP_SUFFIX, ShardSink
 from samdiffsr.data.tiles import TileSpec
 from samdiffsr.data.workers import ordered_results
 from samdiffsr.io import writing
-
-EXIT_CODES = {0: "done", 1: "done, bad inputs skipped", 2: "usage or settings error",
-              3: "not finished", 4: "failed (rerun to resume)", 130: "interrupted (rerun to resume)"}
 
 
 class ShardError(UserError, ValueError):
