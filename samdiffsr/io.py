@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-# Less free space than this after a failed write: the write ran out of space (torch's errors hide errno).
+# torch's file writer failing (its messages hide errno) with less free space than this left: a full disk.
+TORCH_WRITE_ERRORS = ("inline_container", "iostream error", "PytorchStreamWriter", "file write failed")
 NEARLY_FULL_BYTES = 1 << 20
 
 
@@ -42,10 +43,15 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 
 
 def no_space_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
-    """``OSError(ENOSPC)`` naming ``path`` when ``exc`` came from a full disk while writing it, else None."""
+    """``OSError(ENOSPC)`` naming ``path`` when ``exc`` came from a full disk while writing it, else None.
+
+    An ``OSError(ENOSPC)`` that already names its file is returned as it is.
+    """
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and exc.filename:
+        return exc
     if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _chain(exc)):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    if isinstance(exc, (OSError, RuntimeError)):
+    if isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in TORCH_WRITE_ERRORS):
         free = free_bytes(path)
         if free is not None and free < NEARLY_FULL_BYTES:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -59,7 +65,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         yield
     except Exception as exc:
         full = no_space_error(exc, path)
-        if full is None:
+        if full is None or full is exc:
             raise
         raise full from exc
 

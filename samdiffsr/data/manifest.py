@@ -115,7 +115,10 @@ class Journal:
 
     def unlock(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError:  # records are flushed as they are appended; a failed one is a torn last line
+                pass
             self._handle = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)

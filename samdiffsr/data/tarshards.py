@@ -19,6 +19,8 @@ from typing import Any
 
 from webdataset import TarWriter
 
+from samdiffsr.io import writing
+
 BLOCK = 512
 TMP_SUFFIX = ".tmp"
 
@@ -83,9 +85,10 @@ class ShardSink:
             self._count >= self.max_count or self._bytes + size > self.max_size
         ):
             self._complete()
-        if self._writer is None:
-            self._open()
-        self._writer.write(sample)
+        with writing(self.directory / self.current_name):
+            if self._writer is None:
+                self._open()
+            self._writer.write(sample)
         self._count += 1
         self._bytes += size
         self._last = sample["__key__"]
@@ -100,12 +103,13 @@ class ShardSink:
     def abort(self) -> None:
         """Drop the open shard (its ``.tmp`` file) without completing it."""
         if self._writer is not None:
-            try:
-                self._writer.close()
-                self._file.close()
-            finally:
-                self._tmp_path().unlink(missing_ok=True)
-                self._writer = self._file = None
+            for close in (self._writer.close, self._file.close):
+                try:
+                    close()
+                except OSError:  # a full disk, say: the file is dropped anyway
+                    pass
+            self._tmp_path().unlink(missing_ok=True)
+            self._writer = self._file = None
 
     def _tmp_path(self) -> Path:
         return self.directory / (self.current_name + TMP_SUFFIX)
@@ -120,10 +124,11 @@ class ShardSink:
         self._first = self._last = ""
 
     def _complete(self) -> None:
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with writing(self.directory / self.current_name):
+            self._writer.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         self._writer = self._file = None
         final = self.directory / self.current_name
         os.replace(self._tmp_path(), final)

@@ -9,6 +9,7 @@ A worker that raises (anything but a reported bad input) or dies stops the run w
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import queue
@@ -41,6 +42,12 @@ def _worker_main(job: ImageJob, tasks, results) -> None:
         index, skip = task
         try:
             results.put(("ok", maker.process(index, skip)))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                results.put(("fatal", index, traceback.format_exc()))
+            else:  # raised as such in the parent: a full disk is not a worker failure
+                results.put(("no_space", index, exc.filename))
+            return
         except BaseException:  # report everything, including KeyboardInterrupt, then stop
             results.put(("fatal", index, traceback.format_exc()))
             return
@@ -92,6 +99,8 @@ def ordered_results(job: ImageJob, tasks: Iterable[tuple[int, int]], workers: in
                             f"{', '.join(job.files[i] for i in order)} were in flight; rerun to resume"
                         ) from None
                     continue
+                if message[0] == "no_space":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), message[2])
                 if message[0] == "fatal":
                     raise WorkerError(f"failed on image {job.files[message[1]]}:\n{message[2]}")
                 ready[message[1].index] = message[1]
