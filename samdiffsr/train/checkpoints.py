@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from samdiffsr.cli import UserError
 from samdiffsr.io import atomic_torch_save, atomic_write, atomic_write_text, short_reason, torch_load, writing
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ COMPLETE = "complete.json"
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for (or is expected) is missing, incomplete or unreadable."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that was asked for (or is expected) is missing, incomplete or unreadable (one line, exit 2)."""
 
 
 def tag_for(step: int) -> str:
