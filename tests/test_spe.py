@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from importlib import metadata
 
 import numpy as np
 import pytest
 import torch
+from references import require
 
 from samdiffsr.masks.spe import spe_label_map, spe_map, spe_table, spe_values
 
@@ -41,11 +41,7 @@ def random_masks(count: int, height: int, width: int, seed: int) -> np.ndarray:
 
 def rotary_oracle():
     """rotary-embedding-torch 0.5.x, the authors' version (0.9.x refuses odd widths); test-only."""
-    module = pytest.importorskip("rotary_embedding_torch")
-    version = metadata.version("rotary-embedding-torch")
-    if not version.startswith("0.5."):
-        pytest.skip(f"oracle needs rotary-embedding-torch 0.5.x, found {version}")
-    return module.RotaryEmbedding
+    return require("rotary_embedding_torch", "rotary-embedding-torch", "0.5.").RotaryEmbedding
 
 
 def authors_map(masks: np.ndarray) -> np.ndarray:
