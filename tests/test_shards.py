@@ -120,9 +120,14 @@ def test_parts_are_merged_when_all_are_done(photos, reference, tmp_path, capsys)
         assert not (out / "sizes.json").exists()
     assert "waiting for parts [1]" in capsys.readouterr().out
     assert main(["--out", str(out), "--merge"]) == 3
-    # a part run with other settings into the same folder is refused
+    # a part run with other settings into the same folder is refused, saying which setting differs
+    capsys.readouterr()
     assert main(shard_args(photos, out, "--masks", str(masks), "--num-parts", "3", "--part", "1",
                            "--scale", "2")) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (scale: 4 -> 2)" in err and str(out) in err, err
+    assert not [p.name for p in (out / "parts").glob("part-001-*") if p.suffix != ".lock"]  # nothing of it written
+    assert not (out / "sizes.json").exists()
     assert main(shard_args(photos, out, "--masks", str(masks), "--num-parts", "3", "--part", "1")) == 0
     sizes = json.loads((out / "sizes.json").read_text())
     assert all(name.startswith(("train-p000-", "train-p001-", "train-p002-")) for name in sizes)
@@ -281,14 +286,26 @@ def test_tiny_sam_checkpoint_end_to_end(tmp_path):
     assert cached.stat().st_mtime_ns == stamp
 
 
-def test_command_line_errors(photos, tmp_path):
-    out = str(tmp_path / "o")
-    assert main(["--images", str(photos), "--out", out]) == 2  # no mask source for tiles
-    assert main(["--images", str(photos), "--out", out, "--masker", "none", "--num-parts", "2", "--part", "2"]) == 2
-    assert main(["--images", str(tmp_path / "nope"), "--out", out, "--masker", "none"]) == 2
-    assert main(["--images", str(photos), "--out", out, "--masker", "none", "--tile", "130"]) == 2
-    assert main(["--images", str(photos), "--out", out, "--sam-checkpoint", str(tmp_path / "x.pth")]) == 2
+@pytest.mark.parametrize("args, message", [
+    ([], "choose a mask source: --masks DIR, --sam-checkpoint PATH, or --masker felzenszwalb|none"),
+    (["--masker", "none", "--num-parts", "2", "--part", "2"], "--part must be in 0..1 (got 2)"),
+    (["--masker", "none", "--images", "{tmp}/nope"], "image folder not found: {tmp}/nope"),
+    (["--masker", "none", "--tile", "130"], "tile must be a positive multiple of the scale 4, got 130"),
+    (["--sam-checkpoint", "{tmp}/x.pth"], "SAM checkpoint not found: {tmp}/x.pth"),
+])
+def test_command_line_errors(photos, tmp_path, capsys, args, message):
+    # Exit status 2 (bad options) with the message that names the problem, and nothing written.
+    out = tmp_path / "o"
+    argv = ["--images", str(photos), "--out", str(out), *(a.format(tmp=tmp_path) for a in args)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message.format(tmp=tmp_path) in captured.err, captured.err
+    assert "Traceback" not in captured.err and not out.exists()
+
+
+def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
+    assert "--images" in capsys.readouterr().out
 
 
 def test_demo_builds_train_and_val(tmp_path, capsys):
