@@ -28,12 +28,28 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert summary["step"] == 6 and summary["world_size"] == 2
     assert (tmp_path / "runs" / "demo_rrdb" / "weights" / "latest.pt").exists()
     # The sweep evaluated both checkpoints and the bicubic baseline on the held-out photos.
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    checkpoints = {row.get("checkpoint") or row.get("ckpt") for row in rows}
-    assert {"bicubic"} < checkpoints and len(checkpoints) >= 3, checkpoints
+    with (out / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["checkpoint", "step", "set", "metric", "value", "images"]
+        rows = list(reader)
+    metrics = ["psnr_y", "ssim_y", "psnr_y_paper", "ssim_y_paper"]
+    assert sorted((r["checkpoint"], r["metric"]) for r in rows) == sorted(
+        (c, m) for c in ("bicubic", "step00000003", "step00000006") for m in metrics)
+    assert all(r["set"] == "demo_val" and r["images"] == "2" for r in rows)  # the 2 held-out photos
     table = (out / "results.md").read_text()
-    assert "bicubic" in table and "psnr" in table.lower()
+    assert "| bicubic |" in table and "| step00000003 | 3 |" in table and "| step00000006 | 6 |" in table
     assert table.strip() in proc.stdout  # the table is printed at the end
-    assert "training helped" in proc.stdout or "not beaten bicubic" in proc.stdout  # the verdict line
+    # The verdict line: exactly the one the PSNR-Y values call for, with those values.
+    psnr = {r["checkpoint"]: float(r["value"]) for r in rows if r["metric"] == "psnr_y"}
+    bicubic = psnr.pop("bicubic")
+    best_name = max(psnr, key=psnr.get)
+    best = psnr[best_name]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("training ")]
+    assert len(lines) == 1, lines
+    if best > bicubic:
+        assert lines[0].startswith(f"training helped: {best_name} beats bicubic by {best - bicubic:+.2f} dB psnr_y")
+    else:
+        assert lines[0].startswith(f"training has not beaten bicubic yet: best {best_name} {best:.2f} dB vs "
+                                   f"bicubic {bicubic:.2f} ({best - bicubic:+.2f} dB psnr_y)")
     assert list(out.glob("*.png")), "no metric plot written"
     assert (tmp_path / "runs" / "demo" / "tb").is_dir()
