@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -311,11 +312,17 @@ def test_help_exits_zero(capsys):
 def test_demo_builds_train_and_val(tmp_path, capsys):
     assert run_demo(tmp_path / "demo", progress=False) == 0
     printed = capsys.readouterr().out
-    assert "demo: 6 images" in printed
+    assert "demo: 13 images" in printed
     train = samples_of(tmp_path / "demo" / "train")
-    assert len(train) == 19 and all(s["meta"]["masker"] == "felzenszwalb" for s in train)
+    assert len(train) == 59 and all(s["meta"]["masker"] == "felzenszwalb" for s in train)
     assert all(s["hr"].shape[0] > 160 and s["hr"].shape[1] > 160 for s in train)
     assert sorted(p.name for p in (tmp_path / "demo" / "train").glob("*.tar")) == [
-        "train-000000.tar", "train-000001.tar"]
+        f"train-{i:06d}.tar" for i in range(6)]
     val = samples_of(tmp_path / "demo" / "val")
     assert [s["meta"]["source"] for s in val] == ["chelsea.png", "coffee.png"]
+    # No held-out photo is in the training set, under any name (skimage's "cat" is chelsea).
+    images = tmp_path / "demo" / "images"
+    digest = {p.name: hashlib.sha256(load_image(p).tobytes()).hexdigest() for p in images.glob("*/*.png")}
+    held_out = {digest[p.name] for p in (images / "val").glob("*.png")}
+    assert len(held_out) == 2 and not held_out & {digest[p.name] for p in (images / "train").glob("*.png")}
+    assert {s["meta"]["source"] for s in train}.isdisjoint({"chelsea.png", "coffee.png", "cat.png"})

@@ -1,12 +1,13 @@
-"""The whole system in one command, on built-in photos: ``python launcher/demo.py``.
+"""The whole system in one command, on built-in photos: ``python launcher/demo.py [--long]``.
 
-    demo shards (skimage photos, Felzenszwalb masks)  ->  RRDB pretraining (2 ranks)
-    ->  modulated-diffusion training (2 ranks, DeepSpeed; CPU when there is no GPU)
-    ->  benchmark sweep over the checkpoints it wrote, on held-out photos, against plain bicubic
-    ->  results table + plots, paths printed at the end.
+    demo shards (scikit-image / matplotlib photos, Felzenszwalb masks)  ->  RRDB pretraining (2 ranks)
+    ->  modulated-diffusion training on the frozen RRDB (2 ranks, DeepSpeed; CPU when there is no GPU)
+    ->  benchmark sweep over the checkpoints it wrote, on two held-out photos, against plain bicubic
+    ->  three rows side by side (bicubic, the RRDB alone, SAM-DiffSR), a verdict and a comparison picture.
 
-Every stage resumes: rerunning the command skips finished shards, continues (or skips) finished
-training runs from their latest checkpoint, and does not recompute finished benchmark pairs.
+``--long`` trains longer (configs/demo_long.yaml, demo_rrdb_long.yaml). Every stage resumes: rerunning the
+command skips finished shards, continues (or skips) finished training runs from their latest checkpoint,
+and does not recompute finished benchmark pairs.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from samdiffsr.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UserError, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class DemoError(UserError):
@@ -32,17 +34,58 @@ class DemoError(UserError):
     exit_code = EXIT_FAILED
 
 
-def check_settings(rrdb_steps: int | None, steps: int | None, ckpt_every: int | None, ranks: int,
-                   bench_steps: int, overrides: tuple[str, ...]) -> None:
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything a demo run depends on; ``None`` keeps the config files' values."""
+
+    workdir: str = "runs"
+    shards: str = "shards/demo"
+    ranks: int = 2
+    long: bool = False
+    rrdb_steps: int | None = None
+    steps: int | None = None
+    ckpt_every: int | None = None
+    overrides: tuple[str, ...] = ()
+    # The benchmark's sampler: respaced ancestral sampling (DDIM with eta 1), 20 network calls per image.
+    # On the demo model it scores at least as well as the paper's 100-step chain (bench/RESULTS.md).
+    bench_sampler: str = "ddim"
+    bench_steps: int = 20
+    bench_eta: float = 1.0
+
+    @property
+    def suffix(self) -> str:
+        return "_long" if self.long else ""
+
+    def configs(self) -> tuple[Path, Path]:
+        """The RRDB and diffusion config files of this mode."""
+        return REPO / "configs" / f"demo_rrdb{self.suffix}.yaml", REPO / "configs" / f"demo{self.suffix}.yaml"
+
+    def run_dirs(self) -> tuple[Path, Path]:
+        """The RRDB and diffusion run folders of this mode (apart, so that neither resumes the other)."""
+        work = Path(self.workdir)
+        return work / f"demo_rrdb{self.suffix}", work / f"demo{self.suffix}"
+
+    def stage_overrides(self, max_steps: int | None) -> list[str]:
+        extra = [f"train.max_steps={max_steps}"] if max_steps is not None else []
+        if self.ckpt_every is not None:
+            extra += [f"train.ckpt_every={self.ckpt_every}", f"train.val_every={self.ckpt_every}"]
+        return [*self.overrides, *extra]
+
+
+def check_settings(settings: DemoSettings) -> None:
     """Refuse bad settings before the first stage runs (ConfigError names the key)."""
     from samdiffsr.config import load_config
+    from samdiffsr.models.samplers import resolve_sampler
 
-    if ranks < 1 or bench_steps < 1:
-        raise UserError(f"--ranks and --bench-steps must be >= 1 (got {ranks}, {bench_steps})")
-    for config, max_steps in (("demo_rrdb.yaml", rrdb_steps), ("demo.yaml", steps)):
-        extra = [f"train.max_steps={max_steps}"] if max_steps is not None else []
-        extra += [f"train.ckpt_every={ckpt_every}"] if ckpt_every is not None else []
-        load_config(REPO / "configs" / config, [*overrides, *extra])
+    if settings.ranks < 1 or settings.bench_steps < 1:
+        raise UserError(f"--ranks and --bench-steps must be >= 1 (got {settings.ranks}, {settings.bench_steps})")
+    rrdb_config, sr_config = settings.configs()
+    load_config(rrdb_config, settings.stage_overrides(settings.rrdb_steps))
+    cfg = load_config(sr_config, settings.stage_overrides(settings.steps))
+    try:
+        resolve_sampler(settings.bench_sampler, settings.bench_steps, cfg.model.timesteps)
+    except ValueError as exc:
+        raise UserError(f"--bench-sampler: {exc}") from None
 
 
 def _free_port() -> int:
@@ -71,94 +114,117 @@ def launch_training(config: str, overrides: list[str], ranks: int) -> None:
         raise DemoError(f"training with {config} failed (see the output above)")
 
 
-def verdict(results_csv: Path, metric: str = "psnr_y") -> str:
-    """One line saying whether the best checkpoint beats bicubic upsampling on `metric`."""
-    import csv
-
-    rows = [r for r in csv.DictReader(results_csv.open()) if r["metric"] == metric]
-    bicubic = [float(r["value"]) for r in rows if r["checkpoint"] == "bicubic"]
-    trained = [(float(r["value"]), r["checkpoint"]) for r in rows if r["checkpoint"] != "bicubic"]
-    if not bicubic or not trained:
-        return f"no {metric} results to compare"
-    best, name = max(trained)
-    gain = best - bicubic[0]
-    if gain > 0:
-        return f"training helped: {name} beats bicubic by {gain:+.2f} dB {metric} ({best:.2f} vs {bicubic[0]:.2f})"
-    return (f"training has not beaten bicubic yet: best {name} {best:.2f} dB vs bicubic {bicubic[0]:.2f} "
-            f"({gain:+.2f} dB {metric}); train longer (--steps, --rrdb-steps) to close the gap")
-
-
-def run_demo(workdir: str = "runs", shards: str = "shards/demo", ranks: int = 2, rrdb_steps: int | None = None,
-             steps: int | None = None, ckpt_every: int | None = None, overrides: tuple[str, ...] = (),
-             bench_steps: int = 10) -> Path:
+def run_demo(settings: DemoSettings) -> Path:
     """Run every stage; returns the benchmark output folder."""
     from samdiffsr.data.shardcli import run_demo as make_demo_shards
     from samdiffsr.evaluation.benchmark import main as benchmark_main
 
     start = time.perf_counter()
-    work, shards_dir = Path(workdir), Path(shards)
-    rrdb_run, sr_run = work / "demo_rrdb", work / "demo"
+    work, shards_dir = Path(settings.workdir), Path(settings.shards)
+    rrdb_run, sr_run = settings.run_dirs()
+    rrdb_config, sr_config = settings.configs()
     data = [f"data.train_shards={shards_dir / 'train'}", f"data.val_shards={shards_dir / 'val'}"]
 
-    _banner("1/4 demo shards: skimage photos -> Felzenszwalb masks -> SPE -> WebDataset tars")
+    _banner("1/5 demo shards: built-in photos -> Felzenszwalb masks -> SPE -> WebDataset tars")
     code = make_demo_shards(shards_dir)
     if code not in (0, 1):
         raise DemoError(f"make_shards failed with exit status {code}")
 
-    _banner("2/4 RRDB pretraining (the LR encoder), data-parallel")
-    rrdb = [*data, f"train.run_dir={rrdb_run}", *overrides]
-    if rrdb_steps is not None:
-        rrdb.append(f"train.max_steps={rrdb_steps}")
-    if ckpt_every is not None:
-        rrdb.append(f"train.ckpt_every={ckpt_every}")
-    launch_training(str(REPO / "configs" / "demo_rrdb.yaml"), rrdb, ranks)
+    _banner("2/5 RRDB pretraining (the LR encoder), data-parallel")
+    rrdb = [*data, f"train.run_dir={rrdb_run}", *settings.stage_overrides(settings.rrdb_steps)]
+    launch_training(str(rrdb_config), rrdb, settings.ranks)
 
-    _banner("3/4 SAM-DiffSR: modulated-diffusion training on the frozen RRDB, data-parallel")
-    sr = [*data, f"train.run_dir={sr_run}", f"train.rrdb_ckpt={rrdb_run / 'weights' / 'latest.pt'}", *overrides]
-    if steps is not None:
-        sr.append(f"train.max_steps={steps}")
-    if ckpt_every is not None:
-        sr += [f"train.ckpt_every={ckpt_every}", f"train.val_every={ckpt_every}"]
-    launch_training(str(REPO / "configs" / "demo.yaml"), sr, ranks)
+    _banner("3/5 SAM-DiffSR: modulated-diffusion training on the frozen RRDB, data-parallel")
+    rrdb_weights = rrdb_run / "weights" / "latest.pt"
+    sr = [*data, f"train.run_dir={sr_run}", f"train.rrdb_ckpt={rrdb_weights}",
+          *settings.stage_overrides(settings.steps)]
+    launch_training(str(sr_config), sr, settings.ranks)
 
-    # The full 100-step sampler on whole 400x600 photos takes minutes per image on a CPU; the demo uses the
-    # respaced sampler (benchmark.py without --steps runs the full one).
-    _banner(f"4/4 benchmark: every checkpoint vs bicubic on the held-out photos ({bench_steps}-step sampler)")
+    # The paper's 100-step chain on whole photos takes minutes per image on a CPU; the demo samples with
+    # fewer network calls (benchmark.py without --sampler/--steps runs the full chain).
+    sampler = f"{settings.bench_sampler}, {settings.bench_steps} steps, eta {settings.bench_eta:g}"
+    _banner(f"4/5 benchmark: every checkpoint vs bicubic on the held-out photos ({sampler})")
     out = sr_run / "benchmark"
     argv = ["--run", str(sr_run), "--ckpts", "all", "--sets", f"demo_val={shards_dir / 'val'}",
-            "--metrics", "psnr_y,ssim_y,psnr_y_paper,ssim_y_paper", "--out", str(out), "--steps", str(bench_steps)]
+            "--metrics", "psnr_y,ssim_y,psnr_y_paper,ssim_y_paper", "--out", str(out), "--save-images",
+            "--sampler", settings.bench_sampler, "--steps", str(settings.bench_steps),
+            "--eta", str(settings.bench_eta)]
     if benchmark_main(argv) != 0:
         raise DemoError("the benchmark sweep failed (see the output above)")
 
-    table = out / "results.md"
-    _banner(f"results ({time.perf_counter() - start:.0f} s in all)")
-    if table.exists():
-        print(table.read_text())
-        print(verdict(out / "results.csv") + "\n")
-    print(f"table:       {table}\n"
+    _banner("5/5 bicubic, the RRDB alone and SAM-DiffSR side by side; comparison picture")
+    summary, picture = summarize(sr_run, rrdb_weights, shards_dir / "val", out, sampler)
+    print(f"({time.perf_counter() - start:.0f} s in all)\n")
+    print(summary)
+    print(f"\ntable:       {out / 'demo.md'}  (every checkpoint: {out / 'results.md'})\n"
+          f"picture:     {picture}\n"
           f"per image:   {out / 'results.csv'}  {out / 'results.json'}\n"
-          f"plots:       {', '.join(str(p) for p in sorted(out.glob('*.png')))}\n"
+          f"plots:       {', '.join(str(p) for p in sorted(out.glob('*.png')) if p != picture)}\n"
           f"weights:     {sr_run / 'weights'}  (python launcher/infer.py --ckpt {sr_run / 'weights' / 'latest.pt'}"
-          f" --img-dir LR --save-dir SR)\n"
+          f" --img-dir LR --save-dir SR --sampler {settings.bench_sampler} --steps {settings.bench_steps}"
+          f" --eta {settings.bench_eta:g})\n"
           f"TensorBoard: tensorboard --logdir {work}   (curves, and LR / bicubic / SR / HR images)")
     return out
 
 
+def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: str) -> tuple[str, Path]:
+    """The three rows and the verdict (also written to ``out/demo.md``), and the comparison picture."""
+    from samdiffsr.config import load_config
+    from samdiffsr.data.images import read_image
+    from samdiffsr.evaluation.sets import load_share, parse_set
+    from samdiffsr.evaluation.tiling import lr_multiple
+
+    from .report import (
+        best_checkpoint,
+        checkpoint_scores,
+        comparison_picture,
+        mean_metrics,
+        rrdb_outputs,
+        side_by_side,
+        verdict,
+    )
+
+    model = load_config(sr_run / "config.yaml").model
+    scale = model.sr_scale
+    _, pairs = load_share(parse_set(f"demo_val={val}"), scale, scale * lr_multiple(model))
+    scores = checkpoint_scores(out / "results.csv")
+    best = best_checkpoint(scores)
+    rrdb = mean_metrics(rrdb_outputs(rrdb_weights, pairs, num_feat=model.rrdb_num_feat,
+                                     num_block=model.rrdb_num_block, growth=model.rrdb_growth, scale=scale),
+                        pairs, scale)
+    label = f"SAM-DiffSR {best}"
+    table = side_by_side([("bicubic", scores["bicubic"]), ("RRDB alone (regression)", rrdb),
+                          (f"{label} ({sampler})", scores[best])])
+    text = f"{table}\n\n{verdict(best, scores[best], scores['bicubic'])}"
+    (out / "demo.md").write_text(text + "\n")
+    srs = [read_image(out / "images" / best / "demo_val" / f"{p.key}.png")[0] for p in pairs]
+    picture = comparison_picture(out / "comparison.png", pairs, srs, label, scale)
+    return text, picture
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--long", action="store_true", help="train longer (configs/demo*_long.yaml): under an "
+                        "hour on 2 CPU cores instead of about 12 minutes")
     parser.add_argument("--workdir", default="runs", help="where the demo's runs go (default: runs/)")
     parser.add_argument("--shards", default="shards/demo", help="where the demo shards go")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel processes (GPUs, or CPU ranks)")
     parser.add_argument("--rrdb-steps", type=int, default=None, help="RRDB pretraining steps (configs/demo_rrdb)")
     parser.add_argument("--steps", type=int, default=None, help="diffusion training steps (configs/demo)")
     parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint (and benchmark) interval")
-    parser.add_argument("--bench-steps", type=int, default=10, help="sampler steps in the demo's benchmark")
+    parser.add_argument("--bench-sampler", default="ddim", help="sampler of the demo's benchmark "
+                        "(ddpm, ddim, dpmpp_2m; default ddim)")
+    parser.add_argument("--bench-steps", type=int, default=20, help="sampler steps in the demo's benchmark")
+    parser.add_argument("--bench-eta", type=float, default=1.0, help="DDIM eta of the benchmark sampler "
+                        "(default 1: respaced ancestral sampling)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     return run_cli("demo", lambda: _run_demo_cli(parser.parse_args(argv)))
 
 
 def _run_demo_cli(args: argparse.Namespace) -> int:
-    check_settings(args.rrdb_steps, args.steps, args.ckpt_every, args.ranks, args.bench_steps, tuple(args.overrides))
-    run_demo(args.workdir, args.shards, args.ranks, args.rrdb_steps, args.steps, args.ckpt_every,
-             tuple(args.overrides), args.bench_steps)
+    settings = DemoSettings(args.workdir, args.shards, args.ranks, args.long, args.rrdb_steps, args.steps,
+                            args.ckpt_every, tuple(args.overrides), args.bench_sampler, args.bench_steps,
+                            args.bench_eta)
+    check_settings(settings)
+    run_demo(settings)
     return EXIT_OK
