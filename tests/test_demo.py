@@ -64,6 +64,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert f"picture:     {picture}" in proc.stdout
     with Image.open(picture) as img:
         assert img.format == "PNG" and img.width > 1000 and img.height > 400
-    assert sorted(p.name for p in (out / "images" / best / "demo_val").glob("*.png")) == ["chelsea.png", "coffee.png"]
+    assert len(list((out / "images" / best / "demo_val").glob("*.png"))) == 2  # the SR images it shows
     assert [p for p in out.glob("*.png") if p != picture], "no metric plot written"
     assert (tmp_path / "runs" / "demo" / "tb").is_dir()
