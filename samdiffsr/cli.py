@@ -3,7 +3,8 @@
 A *user error* is something the person running the command can fix (a bad option, config key or value, a
 missing or unreadable input file, a file that is not a checkpoint): it is printed as one line,
 ``PROG: error: message``, by rank 0 only, and exits with :data:`EXIT_USAGE`. Anything else is a bug and
-keeps its traceback. Library exceptions opt in by subclassing :class:`UserError`.
+keeps its traceback. Library exceptions opt in by subclassing :class:`UserError`; an expected failure with
+a clear message (a demo stage, training stopped by too many NaN/Inf losses) sets ``exit_code = EXIT_FAILED``.
 
 Exit codes (the README's table):
 
@@ -12,7 +13,7 @@ Exit codes (the README's table):
 1     done, bad inputs skipped (make_shards; infer: some images failed)
 2     user error: bad option, config key or value, missing or invalid input file
 3     not finished: stopped for a requeue (SIGUSR2), ``--stop-after``, merge with parts missing
-4     failed (a worker error): rerun to resume
+4     failed (a worker error, a demo stage, too many NaN/Inf losses in a row): rerun to resume
 5     no space left on device
 130   interrupted (Ctrl-C): rerun to resume
 ====  =====================================================================================
@@ -41,7 +42,7 @@ EXIT_CODES = {EXIT_OK: "done", EXIT_SKIPPED: "done, bad inputs skipped", EXIT_US
 
 
 class UserError(Exception):
-    """A problem the user can fix; the message alone (one line) is what they see."""
+    """A problem the user can fix; the message alone (one line) is what they see, then ``exit_code``."""
 
     exit_code = EXIT_USAGE
 

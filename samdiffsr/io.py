@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,14 +92,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTO = b"\x80"  # the older format: a pickle stream
+
+
 def torch_load(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; an unreadable file raises ``error`` naming it."""
+    """``torch.load(path, weights_only=True)`` on CPU (plain data, no code unpickled).
+
+    A missing, foreign or damaged file raises ``error`` with one line naming it: ``WHAT not found: PATH``,
+    ``PATH: not a checkpoint ...`` or ``PATH: not a readable checkpoint, damaged or truncated (...)``.
+    torch's own advice to set ``weights_only=False``, which would run code from the file, is never passed on.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO)):
+        raise error(f"{path}: not a checkpoint (neither a torch zip file nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise error(f"{what} {path} is missing") from None
-    except Exception as exc:  # truncated zip, garbage, foreign pickles: torch raises many types
-        raise error(f"{what} {path} is unreadable (truncated or corrupt: {short_reason(exc)})") from exc
+    except pickle.UnpicklingError as exc:
+        raise error(f"{path}: not a checkpoint, or one holding objects other than tensors and plain containers "
+                    "(refused by the safe loader)") from exc
+    except Exception as exc:  # truncated zip, legacy tar format, ...: torch raises many types
+        reason = short_reason(exc)
+        if "weights_only" in reason or "weights only" in reason.lower():
+            reason = "an old or foreign format the safe loader cannot read"
+        raise error(f"{path}: not a readable checkpoint, damaged or truncated ({reason})") from exc
 
 
 def short_reason(exc: BaseException, limit: int = 160) -> str:

@@ -7,6 +7,9 @@ full disk or a bad copy damage them.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 from train_helpers import REPO, TINY, write_shards
 
 from samdiffsr.config import load_config
+from samdiffsr.io import torch_load
 from samdiffsr.models import build_model, save_weights
 from samdiffsr.train import checkpoints
 from samdiffsr.train.engine import main
@@ -46,7 +50,7 @@ DAMAGE = {  # name -> (damage the run folder, the checkpoint resumed from, what 
     "missing complete.json": (lambda d: (d / STEP4 / checkpoints.COMPLETE).unlink(), STEP2,
                               f"{{d}}/latest names '{STEP4}', but {{d}}/{STEP4} is missing or incomplete"),
     "truncated rng file": (lambda d: truncate(d / STEP4 / "rng_rank0.pt"), STEP2,
-                           f"RNG state file {{d}}/{STEP4}/rng_rank0.pt is unreadable"),
+                           f"{{d}}/{STEP4}/rng_rank0.pt: not a readable checkpoint, damaged or truncated ("),
     "garbage latest": (lambda d: (d / "latest").write_bytes(b"\x00\xffPK garbage\n"), STEP4,
                        "{d}/latest is garbled (it holds '\\x00"),
 }
@@ -78,3 +82,34 @@ def test_no_loadable_checkpoint_is_an_error_naming_it_not_a_fresh_start(data, tm
     with pytest.raises(checkpoints.CheckpointError, match="none is complete"):
         run(data, tmp_path, "train.max_steps=4")
     assert not (tmp_path / "checkpoints" / checkpoints.tag_for(4)).exists()
+
+
+NOT_TORCH = "not a checkpoint (neither a torch zip file nor a pickle)"
+REFUSED = ("not a checkpoint, or one holding objects other than tensors and plain containers "
+           "(refused by the safe loader)")
+BAD_FILES = {  # name -> (bytes, or a function writing the file; what the error says after "PATH: ")
+    "random bytes": (os.urandom(4096), NOT_TORCH),
+    "zeros": (bytes(4096), NOT_TORCH),
+    "an HTML page": (b"<!DOCTYPE html><html><body>Sign in</body></html>", NOT_TORCH),
+    "a garbled pickle": (b"\x80\x04" + os.urandom(256), REFUSED),
+    "a pickle of other objects": (pickle.dumps(Counter(a=1)), REFUSED),
+    "a truncated torch file": (lambda p: (torch.save({"rng": torch.zeros(64)}, p), truncate(p)),
+                               "not a readable checkpoint, damaged or truncated (PytorchStreamReader failed "
+                               "reading zip archive: failed finding central directory)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_torch_load_names_the_file_and_never_passes_on_torchs_unsafe_advice(tmp_path, kind):
+    content, says = BAD_FILES[kind]
+    path = tmp_path / "rng_rank0.pt"
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        torch_load(path, checkpoints.CheckpointError, "RNG state file")
+    assert str(err.value) == f"{path}: {says}"  # one line; never torch's "weights_only=False" advice
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        torch_load(tmp_path / "gone.pt", checkpoints.CheckpointError, "RNG state file")
+    assert str(err.value) == f"RNG state file not found: {tmp_path / 'gone.pt'}"

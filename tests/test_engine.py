@@ -7,12 +7,16 @@ The multi-process acceptance tests are in test_distributed_training.py.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, load_net_state, read_losses, write_shards
+from train_helpers import REPO, TINY, load_net_state, rank_env, read_losses, write_shards
 
+from samdiffsr.cli import EXIT_FAILED, EXIT_USAGE
 from samdiffsr.config import ConfigError, load_config
 from samdiffsr.models import RRDBNet, WeightsError, build_model, save_weights
 from samdiffsr.train import checkpoints
@@ -44,6 +48,24 @@ def stop_after(n: int):
         return len(calls) >= n
 
     return stop
+
+
+# `engine.cli` in a fresh process, as launcher/train.py runs it; then the DataLoader workers still alive.
+PROBE = """
+import multiprocessing
+from samdiffsr.train.engine import cli
+code = cli()
+print("live child processes:", len(multiprocessing.active_children()), flush=True)
+raise SystemExit(code)
+"""
+
+
+def launch(data: dict[str, str], run_dir: Path, *extra: str, shards: str | None = None) -> subprocess.CompletedProcess:
+    """The train command in a subprocess; a hang (a worker left alive blocks the exit) fails after 120 s."""
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), *TINY, f"data.train_shards={shards or data['shards']}",
+            "data.val_shards=", f"train.rrdb_ckpt={data['rrdb']}", f"train.run_dir={run_dir}", *extra]
+    return subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, env=rank_env(), capture_output=True,
+                          text=True, timeout=120)
 
 
 # --- DeepSpeed config ------------------------------------------------------------------------------
@@ -166,8 +188,12 @@ def test_rrdb_checkpoint_is_required_and_checked(data, tmp_path):
         run(data, tmp_path / "b", "train.max_steps=1", "train.rrdb_ckpt=")
     wrong = tmp_path / "wrong.pt"
     save_weights(wrong, RRDBNet(nf=8, nb=3, gc=4))
-    with pytest.raises(WeightsError, match="RRDB_trunk.2"):
+    with pytest.raises(WeightsError) as err:  # 3 blocks against the config's 2: say which override fits
         run(data, tmp_path / "c", "train.max_steps=1", f"train.rrdb_ckpt={wrong}")
+    assert str(err.value) == (
+        f"{wrong} does not match the model built from the config (0 missing, 30 unexpected, 0 mis-shaped keys): "
+        "pass the config it was trained with (--config; the authors' checkpoint is configs/samdiffsr_df2k4x.yaml) "
+        "or the overrides model.rrdb_num_block=3")
 
 
 def test_authors_rrdb_checkpoint_layout_is_loaded_and_stays_frozen(data, tmp_path):
@@ -205,6 +231,32 @@ def test_skipped_steps_are_reported_with_their_own_step_numbers(data, tmp_path, 
     with pytest.raises(NonFiniteLossError, match=r"4 optimizer steps in a row had a NaN/Inf loss \(steps 2 to 5;"):
         run(data, tmp_path, "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=2", "train.log_every=5")
     assert "step(s) 2-5: NaN/Inf loss, the update was skipped" in caplog.text
+
+
+def test_nonfinite_losses_end_the_command_with_one_line_and_exit_4(data, tmp_path):
+    proc = launch(data, tmp_path, "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=2",
+                  "train.log_every=5")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "train: error: 4 optimizer steps in a row had a NaN/Inf loss (steps 2 to 5; limit train.max_bad_steps=2); "
+        "those updates were skipped, the weights are those of the last good step. Lower optim.lr or check the "
+        "data, then rerun to resume from the last checkpoint."), proc.stderr
+    assert proc.stderr.count("train: error:") == 1
+    assert proc.returncode == EXIT_FAILED and "live child processes: 0" in proc.stdout
+
+
+def test_shards_without_a_usable_sample_end_the_run_with_one_line_and_no_worker_left(data, tmp_path):
+    # NaN mask values: the reader rejects every sample. The workers ignore SIGTERM / SIGUSR2 (train/stop.py),
+    # so torch's own shutdown cannot end one that lingers; the run must still end, with no worker left.
+    shards = write_shards(tmp_path / "nan", sizes=(2, 2), mask_values=(float("nan"),) * 3)
+    proc = launch(data, tmp_path / "run", "train.max_steps=4", shards=shards)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert re.fullmatch(
+        rf"train: error: config key 'data\.train_shards': 124 shard reads in a row gave no usable sample \(last: "
+        rf"{re.escape(shards)}/train-00000[01]\.tar\); skipped: [1-9]\d* corrupt samples, 0 unreadable shards, "
+        r"0 tiles smaller than the patch \(see the warnings above\)", proc.stderr.splitlines()[-1]), proc.stderr
+    assert "mask values (segval.npy) must be finite numbers" in proc.stderr
+    assert proc.returncode == EXIT_USAGE and "live child processes: 0" in proc.stdout, (proc.stdout, proc.stderr)
 
 
 def test_corrupt_shard_is_skipped_counted_and_training_goes_on(tmp_path, data):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,6 +188,12 @@ def test_corrupt_samples_and_shards_are_skipped_counted_and_logged(tmp_path, cap
         assert len(got) == stream.epoch_batches == 8
         assert stream.counts["bad_samples"] >= 2 and stream.counts["read_errors"] >= 2, stream.counts
     assert "corrupt sample" in caplog.text and "unreadable shard" in caplog.text
+    # Each shard named once: "in PATH: what went wrong".
+    truncated, lost = (str(tmp_path / f"train-00000{i}.tar") for i in (1, 3))
+    read_errors = {r.getMessage() for r in caplog.records if "unreadable shard" in r.getMessage()}
+    assert read_errors == {f"skipping unreadable shard data in {truncated}: truncated shard: 100-byte header, "
+                           "no end-of-archive marker",
+                           f"skipping unreadable shard data in {lost}: No such file or directory"}
 
 
 def test_a_stream_with_no_usable_sample_raises_instead_of_spinning(tmp_path):
@@ -283,3 +293,46 @@ def test_non_finite_mask_values_are_counted_as_bad_samples(tmp_path, bad):
     got = batches(stream)
     assert all(torch.isfinite(b["mask"]).all() for b in got)
     assert stream.counts["bad_samples"] >= 1, stream.counts
+
+
+HUNG_WORKER = """
+import multiprocessing, sys, threading, time
+from samdiffsr.config import DataConfig
+from samdiffsr.data.stream import TrainStream
+from samdiffsr.train.stop import STOP_SIGNALS
+
+fifo, content = sys.argv[1], open(sys.argv[2], "rb").read()
+
+def writer():  # the shard's bytes, then a writer that never closes: the next read waits forever (a hung mount)
+    sink = open(fifo, "wb")
+    sink.write(content)
+    sink.flush()
+    time.sleep(3600)
+
+threading.Thread(target=writer, daemon=True).start()
+cfg = DataConfig(train_shards=fifo, patch_size=16, shuffle_buffer=1, workers=1, prefetch_factor=2,
+                 samples_per_epoch=100)
+stream = TrainStream(cfg, batch_size=1, scale=4, seed=0, worker_ignores=STOP_SIGNALS)
+batches = stream.iter_epoch(0)
+next(batches)  # the one sample; the worker then waits in a read while prefetching the next batch
+batches.close()
+print("live child processes:", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_closing_an_epoch_ends_a_worker_stuck_in_a_read_that_ignores_sigterm(tmp_path):
+    # torch's shutdown asks, then sends SIGTERM, which the workers ignore: the stream must kill it.
+    write_shards(tmp_path / "good", sizes=(1,))
+    (tmp_path / "hung").mkdir()
+    fifo = tmp_path / "hung" / "train-000000.tar"
+    os.mkfifo(fifo)
+    (tmp_path / "hung" / "sizes.json").write_text(json.dumps({fifo.name: 1}))
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_WORKER, str(fifo), str(tmp_path / "good" / fifo.name)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)  # a worker left alive blocks the exit
+    finally:  # on a timeout, the stuck worker too (it would outlive its parent, blocked in the read)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["live child processes: 0"], (out, err)

@@ -36,10 +36,11 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def write_shards(folder: Path, sizes: tuple[int, ...] = (6, 6), tile: int = 48, seed: int = 0,
-                 corrupt_shard: int | None = None) -> str:
+                 corrupt_shard: int | None = None, mask_values: tuple[float, ...] = (0.0, 0.3, -0.2)) -> str:
     """Shards ``train-%06d.tar`` (+ sizes.json) of smooth random tiles, LR by MATLAB bicubic, a 3-label mask.
 
     ``corrupt_shard``: that shard's bytes are garbage after its first sample (a truncated download).
+    ``mask_values``: the 3 labels' mask values (NaN ones make every sample bad: the reader rejects them).
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -52,7 +53,7 @@ def write_shards(folder: Path, sizes: tuple[int, ...] = (6, 6), tile: int = 48, 
                 labels = np.zeros((tile, tile), np.uint16)
                 labels[: tile // 2] = 1
                 labels[:, : tile // 3] = 2
-                values = np.array([0.0, 0.3, -0.2], np.float32)
+                values = np.array(mask_values, np.float32)
                 sample = {"hr.npy": _npy(hr), "lr.npy": _npy(imresize(hr, 1 / SCALE)),
                           **{k: _npy(v) for k, v in encode_mask(labels, values).items()},
                           "json": json.dumps({"scale": SCALE}).encode()}

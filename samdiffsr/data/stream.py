@@ -25,12 +25,15 @@ tile with its mask), and with ``crops_per_tile > 1`` a crop buffer of ``2 * crop
 up to that many decoded tiles alive (~0.7 MB each).
 
 Corrupt samples, unreadable shards and tiles smaller than the patch are skipped with a warning and
-counted in ``TrainStream.counts``; only a stream that yields nothing usable for many shards raises.
+counted in ``TrainStream.counts``; only a stream that yields nothing usable for many shards raises
+:class:`DataError` (one line naming ``data.train_shards``, with the counts of what was skipped).
 
 Signals: the workers ignore the signals given as ``worker_ignores`` (the engine's stop signals), so that a
 signal sent to the whole process group (Slurm, ``kill -- -PGID``, a launcher) leaves them to their rank,
 which saves a checkpoint and then shuts them down. They are blocked while the workers start, so none is
-lost or kills a worker in between. A worker still ends when its rank dies (torch's watchdog).
+lost or kills a worker in between. A worker still ends when its rank dies (torch's watchdog). An epoch's
+workers end as soon as its iterator is closed, finished or failed (``SIGKILL`` if they do not stop when
+asked, since torch's ``SIGTERM`` is ignored): none lingers to block the process's exit.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from samdiffsr.cli import UserError
 from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CROP_DRAWS, CropSpec, aligned_crop, collate, fits
 from samdiffsr.data.reader import decode_sample
@@ -102,6 +106,10 @@ class _Plan:
     epoch_batches: int
 
 
+class DataError(UserError, RuntimeError):
+    """The shards gave no usable sample for many shards in a row (one line, exit 2)."""
+
+
 class _DryGuard:
     """Raise when many shards in a row gave no usable tile: no data at all is an error, not a skip."""
 
@@ -112,7 +120,8 @@ class _DryGuard:
         for url in urls:
             self.shards_since_tile += 1
             if self.shards_since_tile > self.limit:
-                raise RuntimeError(f"{self.limit} shards in a row gave no usable sample (last: {url})")
+                raise DataError(f"config key 'data.train_shards': {self.limit} shard reads in a row gave no "
+                                f"usable sample (last: {url})")
             yield url
 
 
@@ -123,7 +132,15 @@ def _raw_samples(urls: Iterable[str], counts: np.ndarray) -> Iterator[dict[str, 
             yield from read_shard(url)
         except Exception as exc:  # missing file, I/O error, truncated or garbled tar: never a crash
             counts[_READ] += 1
-            log.warning("skipping unreadable shard data in %s: %s", url, exc)
+            log.warning("skipping unreadable shard data in %s: %s", url, _without_url(exc, url))
+
+
+def _without_url(exc: BaseException, url: str) -> str:
+    """The error's text without the shard's path (a format error starts with it, an OSError ends with it)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
 
 
 def _tiles(plan: _Plan, key: tuple[int, ...], worker: int, workers: int,
@@ -186,7 +203,12 @@ class _EpochDataset(IterableDataset):
         b = self.plan.batch_size
         crops = islice(_crops(self.plan, self.epoch, worker, workers, counts), local_skip * b, None)
         for _ in range(max(todo, 0)):
-            batch: dict[str, Any] = collate(list(islice(crops, b)), self.plan.spec)
+            try:
+                batch: dict[str, Any] = collate(list(islice(crops, b)), self.plan.spec)
+            except DataError as exc:  # handed over as data: torch re-raises a worker's error as multi-line text
+                yield {"error": f"{exc}; skipped: {counts[_BAD]} corrupt samples, {counts[_READ]} unreadable "
+                                f"shards, {counts[_SMALL]} tiles smaller than the patch (see the warnings above)"}
+                return
             batch["worker"] = worker
             # Cumulative for this worker and epoch; plain ints travel inline, not as shared-memory tensors.
             batch["counts"] = tuple(int(c) for c in counts)
@@ -263,11 +285,27 @@ class TrainStream:
             batches = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for batch in batches:
-            latest[batch.pop("worker")] = batch.pop("counts")
-            now = [sum(c[i] for c in latest.values()) for i in range(len(COUNT_KEYS))]
-            self.counts = {k: before[k] + n for k, n in zip(COUNT_KEYS, now, strict=True)}
-            yield batch
+        try:
+            for batch in batches:
+                if "error" in batch:
+                    raise DataError(batch["error"])
+                latest[batch.pop("worker")] = batch.pop("counts")
+                now = [sum(c[i] for c in latest.values()) for i in range(len(COUNT_KEYS))]
+                self.counts = {k: before[k] + n for k, n in zip(COUNT_KEYS, now, strict=True)}
+                yield batch
+        finally:  # closed, done or failed: the workers end now, not whenever the iterator is collected
+            _shut_down(batches)
+
+
+def _shut_down(batches: Iterator[Any]) -> None:
+    """End a DataLoader iterator's workers; one that outlives torch's shutdown (SIGTERM is ignored) is killed."""
+    if not hasattr(batches, "_shutdown_workers"):  # data.workers=0
+        return
+    batches._shutdown_workers()
+    for worker in batches._workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str, scale: int,

@@ -12,7 +12,6 @@ Formats understood by `load_weights`:
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from samdiffsr.cli import UserError
-from samdiffsr.io import atomic_torch_save
+from samdiffsr.io import atomic_torch_save, torch_load
 
 from .architecture import overrides_to_fit
 
@@ -31,33 +30,12 @@ class WeightsError(UserError, RuntimeError):
     """A weights file is missing, unreadable, or does not match the model."""
 
 
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
-PICKLE_PROTO = b"\x80"  # the older format: a pickle stream
-
-
 def read_checkpoint(path: str | Path) -> Any:
     """A checkpoint as plain data (tensors and containers; no code is unpickled).
 
-    Anything else is a :class:`WeightsError` of one line naming the file. torch's own message is never
-    passed on where it advises ``weights_only=False``, which would run code from the file.
+    Anything else is a :class:`WeightsError` of one line naming the file (:func:`samdiffsr.io.torch_load`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    with path.open("rb") as f:
-        head = f.read(4)
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO)):
-        raise WeightsError(f"{path}: not a checkpoint (neither a torch zip file nor a pickle)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(f"{path}: not a checkpoint, or one holding objects other than tensors and plain "
-                           "containers (refused by the safe loader)") from exc
-    except Exception as exc:  # truncated zip, legacy tar format, ...
-        reason = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in reason:
-            reason = "an old or foreign format the safe loader cannot read"
-        raise WeightsError(f"{path}: not a readable checkpoint, damaged or truncated ({reason})") from exc
+    return torch_load(path, WeightsError, "weights file")
 
 
 def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from samdiffsr.cli import EXIT_OK, EXIT_UNFINISHED, ArgumentParser, run_cli
+from samdiffsr.cli import EXIT_FAILED, EXIT_OK, EXIT_UNFINISHED, ArgumentParser, UserError, run_cli
 from samdiffsr.config import Config, ConfigError, config_from_dict, load_config
 from samdiffsr.data.stream import TrainStream, to_model_inputs
 from samdiffsr.data.val import load_val_images
@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a NaN/Inf loss."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many optimizer steps in a row had a NaN/Inf loss: an expected failure, one line and exit 4."""
+
+    exit_code = EXIT_FAILED
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -219,9 +221,13 @@ def _positioned_batches(stream: TrainStream, epoch: int, index: int) -> Iterator
     while True:
         if index >= stream.epoch_batches:
             epoch, index = epoch + 1, 0
-        for batch in stream.iter_epoch(epoch, skip_batches=index):
-            index += 1
-            yield batch, (epoch, index)
+        epoch_batches = stream.iter_epoch(epoch, skip_batches=index)
+        try:
+            for batch in epoch_batches:
+                index += 1
+                yield batch, (epoch, index)
+        finally:  # closing this generator shuts the epoch's DataLoader workers down at once
+            epoch_batches.close()
         epoch, index = epoch + 1, 0
 
 
@@ -361,7 +367,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
                     raise NonFiniteLossError(
                         f"{n} optimizer steps in a row had a NaN/Inf loss (steps {end - n + 1} to {end}; limit "
                         f"train.max_bad_steps={t.max_bad_steps}); those updates were skipped, the weights are "
-                        "those of the last good step. Lower optim.lr or check the data.")
+                        "those of the last good step. Lower optim.lr or check the data, then rerun to resume from the "
+                        "last checkpoint.")
                 bad_run_max, bad_run_end = bad_run.clone(), torch.full_like(bad_run_end, step)
             t0 = time.perf_counter()
             if checkpoint_now:
