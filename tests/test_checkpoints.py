@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, write_shards
+from train_helpers import REPO, TINY, write_rrdb_weights, write_shards
 
-from samdiffsr.config import load_config
 from samdiffsr.io import torch_load
-from samdiffsr.models import build_model, save_weights
 from samdiffsr.train import checkpoints
 from samdiffsr.train.engine import main
 
@@ -28,10 +26,7 @@ STEP2, STEP4 = checkpoints.tag_for(2), checkpoints.tag_for(4)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("data")
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(load_config(REPO / "configs" / "demo.yaml", TINY).model).rrdb)
-    return {"shards": write_shards(root / "train"), "rrdb": str(rrdb_file)}
+    return {"shards": write_shards(root / "train"), "rrdb": write_rrdb_weights(root / "rrdb.pt")}
 
 
 def run(data: dict[str, str], run_dir: Path, *extra: str) -> dict:

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from train_helpers import REPO, TINY, rank_env, write_shards
+from train_helpers import REPO, TINY, rank_env, write_rrdb_weights, write_shards
 
 from samdiffsr.cli import EXIT_NO_SPACE
-from samdiffsr.config import load_config
-from samdiffsr.models import build_model, save_weights
 from samdiffsr.train import checkpoints
 
 
@@ -55,10 +52,7 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("data")
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(load_config(REPO / "configs" / "demo.yaml", TINY).model).rrdb)
-    return {"shards": write_shards(root / "train"), "rrdb": str(rrdb_file)}
+    return {"shards": write_shards(root / "train"), "rrdb": write_rrdb_weights(root / "rrdb.pt")}
 
 
 def train(data: dict[str, str], run_dir: Path, max_steps: int) -> subprocess.CompletedProcess:

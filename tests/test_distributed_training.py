@@ -27,12 +27,13 @@ from train_helpers import (
     rank_env,
     read_losses,
     torchrun,
+    write_rrdb_weights,
     write_shards,
 )
 from train_helpers import deepspeed_launch as ds_launch
 
 from samdiffsr.config import load_config
-from samdiffsr.models import build_model, save_weights
+from samdiffsr.models import build_model
 from samdiffsr.train.engine import main
 
 pytestmark = pytest.mark.slow
@@ -41,10 +42,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ddp")
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(load_config(REPO / "configs" / "demo.yaml", TINY).model).rrdb)
-    return {"uneven": write_shards(root / "uneven", sizes=(1, 5, 2)), "rrdb": str(rrdb_file),
+    return {"uneven": write_shards(root / "uneven", sizes=(1, 5, 2)), "rrdb": write_rrdb_weights(root / "rrdb.pt"),
             "even": write_shards(root / "even", sizes=(4, 4))}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, load_net_state, rank_env, read_losses, write_shards
+from train_helpers import REPO, TINY, load_net_state, rank_env, read_losses, write_rrdb_weights, write_shards
 
 from samdiffsr.cli import EXIT_FAILED, EXIT_USAGE
 from samdiffsr.config import ConfigError, load_config
@@ -26,12 +26,8 @@ from samdiffsr.train.engine import NonFiniteLossError, deepspeed_config, main
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("data")
-    cfg = load_config(REPO / "configs" / "demo.yaml", TINY)
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(cfg.model).rrdb)
     return {"shards": write_shards(root / "train"), "val": write_shards(root / "val", sizes=(2,), tile=64),
-            "rrdb": str(rrdb_file)}
+            "rrdb": write_rrdb_weights(root / "rrdb.pt")}
 
 
 def run(data: dict[str, str], run_dir: Path, *extra: str, config: str = "demo.yaml", stop=None) -> dict:

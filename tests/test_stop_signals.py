@@ -15,11 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from train_helpers import REPO, TINY, free_port, rank_env, write_shards
+from train_helpers import REPO, TINY, free_port, rank_env, write_rrdb_weights, write_shards
 
-from samdiffsr.config import load_config
-from samdiffsr.models import build_model, save_weights
 from samdiffsr.train import checkpoints
 
 pytestmark = pytest.mark.slow
@@ -37,10 +34,7 @@ LAUNCHERS = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("signals")
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(load_config(REPO / "configs" / "demo.yaml", TINY).model).rrdb)
-    return {"shards": write_shards(root / "train", sizes=(4, 4)), "rrdb": str(rrdb_file)}
+    return {"shards": write_shards(root / "train", sizes=(4, 4)), "rrdb": write_rrdb_weights(root / "rrdb.pt")}
 
 
 def _logged_steps(run_dir: Path) -> int:

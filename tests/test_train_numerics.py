@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from train_helpers import REPO, SCALE, TINY, _npy, write_shards
+from train_helpers import REPO, SCALE, TINY, _npy, write_rrdb_weights, write_shards
 
 from samdiffsr.config import load_config
 from samdiffsr.data.reader import encode_mask
 from samdiffsr.imresize import imresize
-from samdiffsr.models import build_model, save_weights
+from samdiffsr.models import build_model
 from samdiffsr.train.engine import main
 
 LR, GAMMA = 1e-3, 0.5
@@ -46,12 +46,8 @@ def write_masked_shards(folder: Path, mask_value: float, n: int = 4, tile: int =
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("numerics")
-    cfg = load_config(REPO / "configs" / "demo.yaml", TINY)
-    torch.manual_seed(0)
-    rrdb_file = root / "rrdb.pt"
-    save_weights(rrdb_file, build_model(cfg.model).rrdb)
     return {"good": write_shards(root / "good"), "inf": write_masked_shards(root / "inf", 3e38),
-            "huge": write_masked_shards(root / "huge", 1e9), "rrdb": str(rrdb_file)}
+            "huge": write_masked_shards(root / "huge", 1e9), "rrdb": write_rrdb_weights(root / "rrdb.pt")}
 
 
 def run(data: dict[str, str], run_dir: Path, shards: str, *extra: str) -> dict:
