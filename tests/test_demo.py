@@ -23,7 +23,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
            "--bench-steps", "2", *SMALL]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    out = tmp_path / "runs" / "demo" / "benchmark"
+    out = tmp_path / "runs" / "demo" / "benchmark-ddim2-eta1"
     # Both training runs wrote their checkpoints; the diffusion run used 2 ranks.
     summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["world_size"] == 2
