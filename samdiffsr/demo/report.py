@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.inference import to_uint8
+from ..evaluation.inference import prepare_lr, to_uint8
 from ..evaluation.metrics import pixel_metrics
 from ..evaluation.sets import Pair
 from ..imresize import imresize
@@ -50,11 +50,8 @@ def rrdb_outputs(weights: Path, pairs: list[Pair], *, num_feat: int, num_block: 
     rrdb = RRDBNet(3, 3, num_feat, num_block, growth, sr_scale=scale)
     load_rrdb_weights(rrdb, weights)
     rrdb.eval()
-    outs = []
-    for pair in pairs:
-        lr = torch.from_numpy(np.array(pair.lr)).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5)
-        outs.append(to_uint8(rrdb(lr)))
-    return outs
+    # The RRDB is fully convolutional: no padding (multiple 1); the bicubic input prepare_lr also makes is unused.
+    return [to_uint8(rrdb(prepare_lr(pair.lr, scale, 255.0, 1, torch.device("cpu"))[0])) for pair in pairs]
 
 
 def mean_metrics(srs: list[np.ndarray], pairs: list[Pair], scale: int) -> dict[str, float]:
