@@ -7,8 +7,8 @@ full disk or a bad copy damage them.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -83,10 +83,14 @@ NOT_TORCH = "not a checkpoint (neither a torch zip file nor a pickle)"
 REFUSED = ("not a checkpoint, or one holding objects other than tensors and plain containers "
            "(refused by the safe loader)")
 BAD_FILES = {  # name -> (bytes, or a function writing the file; what the error says after "PATH: ")
-    "random bytes": (os.urandom(4096), NOT_TORCH),
+    # Seeded, not os.urandom: which error a garbled pickle raises depends on its bytes, and a test must not flake.
+    "random bytes": (random.Random(0).randbytes(4096), NOT_TORCH),
     "zeros": (bytes(4096), NOT_TORCH),
     "an HTML page": (b"<!DOCTYPE html><html><body>Sign in</body></html>", NOT_TORCH),
-    "a garbled pickle": (b"\x80\x04" + os.urandom(256), REFUSED),
+    "a garbled pickle": (b"\x80\x04" + random.Random(0).randbytes(256), REFUSED),
+    "a garbled pickle that underflows its stack": (b"\x80\x04" + random.Random(2).randbytes(256),
+                                                   "not a readable checkpoint, damaged or truncated "
+                                                   "(pop from empty list)"),
     "a pickle of other objects": (pickle.dumps(Counter(a=1)), REFUSED),
     "a truncated torch file": (lambda p: (torch.save({"rng": torch.zeros(64)}, p), truncate(p)),
                                "not a readable checkpoint, damaged or truncated (PytorchStreamReader failed "

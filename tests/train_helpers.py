@@ -72,7 +72,7 @@ def write_shards(folder: Path, sizes: tuple[int, ...] = (6, 6), tile: int = 48, 
                 sink.write({"__key__": f"s{i}_{j}", **sample})
         if corrupt_shard == i:
             data = path.read_bytes()
-            path.write_bytes(data[:2048] + os.urandom(len(data) - 2048))
+            path.write_bytes(data[:2048] + rng.bytes(len(data) - 2048))
     (folder / "sizes.json").write_text(json.dumps({f"train-{i:06d}.tar": n for i, n in enumerate(sizes)}))
     return str(folder)
 
