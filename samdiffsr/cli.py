@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+from samdiffsr.distributed import process_rank
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1
@@ -45,15 +46,6 @@ class UserError(Exception):
     """A problem the user can fix; the message alone (one line) is what they see, then ``exit_code``."""
 
     exit_code = EXIT_USAGE
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun / deepspeed (``RANK``) or srun (``SLURM_PROCID``); 0 otherwise."""
-    for name in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def fail(prog: str, message: str, code: int = EXIT_USAGE, kind: str = "error") -> int:

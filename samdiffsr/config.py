@@ -236,6 +236,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
     return layers + [data]
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` on top; nested dicts merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """Turn ``section.key=value`` into a nested dict; the value is parsed as YAML."""
     if "=" not in text:

@@ -1,4 +1,5 @@
-"""Writing files safely: atomically, without partial leftovers, and with a full disk reported as such.
+"""Files: written atomically with a full disk reported as such, checkpoints read safely, and the error
+for a file that cannot be used.
 
 A write that runs out of space raises ``OSError(ENOSPC, ..., PATH)`` naming the file, which the command
 lines turn into "no space left on device writing PATH" and exit status 5 (:mod:`samdiffsr.cli`). torch's
@@ -21,6 +22,23 @@ import torch
 # torch's file writer failing (its messages hide errno) with less free space than this left: a full disk.
 TORCH_WRITE_ERRORS = ("inline_container", "iostream error", "PytorchStreamWriter", "file write failed")
 NEARLY_FULL_BYTES = 1 << 20
+
+
+class FileProblem(Exception):
+    """A file that cannot be used: ``path`` names it, ``reason`` says why; the message is ``PREFIXPATH: reason``.
+
+    Subclasses pick a builtin base too (``ValueError``, ``RuntimeError``) and may set ``prefix``.
+    """
+
+    prefix = ""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.prefix}{self.path}: {reason}")
+
+    def __reduce__(self):  # keep both fields when sent between worker processes
+        return type(self), (self.path, self.reason)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

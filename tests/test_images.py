@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from samdiffsr.data.images import ImageError, find_images, is_approximate, load_image, read_image
+from samdiffsr.images import ImageError, find_images, is_approximate, load_image, read_image
 
 
 def write_png16(path, array: np.ndarray) -> None:

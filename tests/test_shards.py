@@ -16,7 +16,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from samdiffsr.data.images import load_image
+from samdiffsr.images import load_image
 from samdiffsr.data.reader import read_samples
 from samdiffsr.data.samples import sample_key
 from samdiffsr.data.shardcli import run_demo

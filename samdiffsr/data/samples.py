@@ -1,6 +1,6 @@
 """One image file -> its encoded shard samples (the per-image work a sharding worker does).
 
-An image is loaded (:mod:`samdiffsr.data.images`), its masks read or made (:mod:`samdiffsr.masks.cache`),
+An image is loaded (:mod:`samdiffsr.images`), its masks read or made (:mod:`samdiffsr.masks.cache`),
 then prepared and tiled (:mod:`samdiffsr.data.tiles`) and every tile encoded as the fields of
 :mod:`samdiffsr.data.reader`: ``hr.npy``, ``lr.npy``, ``seg.npy`` + ``segval.npy`` (absent without mask data)
 and ``json``. In benchmark mode the whole mod-cropped image is one sample.
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from samdiffsr.data.images import ImageError, read_image
+from samdiffsr.images import ImageError, read_image
 from samdiffsr.data.reader import encode_mask
 from samdiffsr.data.tiles import TileSpec, iter_tiles, prepare_image
 from samdiffsr.masks.cache import load_or_make_masks

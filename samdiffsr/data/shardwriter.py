@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from samdiffsr.cli import EXIT_CODES, UserError  # noqa: F401 - EXIT_CODES: re-exported
-from samdiffsr.data.images import find_images, is_approximate
+from samdiffsr.images import find_images, is_approximate
 from samdiffsr.data.manifest import (
     FORMAT,
     Journal,

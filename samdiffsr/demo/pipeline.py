@@ -190,7 +190,7 @@ def run_demo(settings: DemoSettings) -> Path:
 def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: str) -> tuple[str, Path]:
     """The three rows and the verdict (also written to ``out/demo.md``), and the comparison picture."""
     from samdiffsr.config import load_config
-    from samdiffsr.data.images import read_image
+    from samdiffsr.images import read_image
     from samdiffsr.evaluation.sets import load_share, parse_set
     from samdiffsr.evaluation.tiling import lr_multiple
 

@@ -217,7 +217,7 @@ class _Sources:
                 t = time.perf_counter()
                 yield p, imresize(p.lr, scale), time.perf_counter() - t, None
         elif entry.source == "folder":
-            from ..data.images import read_image
+            from ..images import read_image
 
             for p in pairs:
                 t = time.perf_counter()

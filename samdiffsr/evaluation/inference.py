@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..cli import ArgumentParser, UserError, run_cli
-from ..config import Config, config_from_dict, load_config, parse_override
-from ..data.images import ImageError, find_images, read_image
+from ..config import Config, config_from_dict, deep_merge, load_config, parse_override
+from ..images import ImageError, find_images, read_image
 from ..imresize import imresize_torch
 from ..models.diffusion import GaussianDiffusion, build_model
 from ..models.samplers import SAMPLERS
@@ -75,13 +75,6 @@ class LoadedModel:
     lr_up_divisor: float
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def resolve_config(ckpt: dict[str, Any], config: str | Path | Config | None,
                    overrides: Sequence[str] = ()) -> Config:
     """``config`` (a path or Config) if given, else the config embedded in our weights, else defaults
@@ -94,7 +87,7 @@ def resolve_config(ckpt: dict[str, Any], config: str | Path | Config | None,
     if not isinstance(embedded, dict):
         return load_config(None, overrides)
     for text in overrides:
-        embedded = _merge(embedded, parse_override(text))
+        embedded = deep_merge(embedded, parse_override(text))
     return config_from_dict(embedded)
 
 

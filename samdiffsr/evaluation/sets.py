@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import UserError
-from ..data.images import ImageError, find_images, read_image
+from ..images import ImageError, find_images, read_image
 from ..data.reader import SampleError, read_samples
 from ..data.shardlist import expand_shards
 from ..data.tarread import TarFormatError

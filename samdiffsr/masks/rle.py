@@ -23,21 +23,15 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from samdiffsr.io import FileProblem
+
 # A COCO RLE count is at most 6 chunks of 5 bits: pycocotools shifts an int by 5*k, overflowing beyond that.
 _MAX_CHUNKS = 6
 _AMG_FIELDS = ("predicted_iou", "point_coords", "stability_score", "crop_box")
 
 
-class MaskFileError(ValueError):
+class MaskFileError(FileProblem, ValueError):
     """A mask JSON that cannot be used: ``path`` names the file, ``reason`` says why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep both fields when sent between worker processes
-        return type(self), (self.path, self.reason)
 
 
 def read_mask_json(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:

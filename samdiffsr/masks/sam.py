@@ -18,6 +18,8 @@ from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 
+from samdiffsr.io import FileProblem
+
 # The settings amg.py exposes. amg.py passes only those given on its command line, so the effective defaults
 # are SamAutomaticMaskGenerator's own, listed here (None values are dropped the same way).
 AMG_DEFAULTS = MappingProxyType(
@@ -37,16 +39,10 @@ AMG_DEFAULTS = MappingProxyType(
 )
 
 
-class SamCheckpointError(RuntimeError):
+class SamCheckpointError(FileProblem, RuntimeError):
     """A SAM checkpoint that is missing or does not load: ``path`` names it, ``reason`` says why."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"SAM checkpoint {self.path}: {reason}")
-
-    def __reduce__(self):
-        return type(self), (self.path, self.reason)
+    prefix = "SAM checkpoint "
 
 
 def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:

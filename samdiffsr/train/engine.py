@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samdiffsr.cli import EXIT_FAILED, EXIT_OK, EXIT_UNFINISHED, ArgumentParser, UserError, run_cli
-from samdiffsr.config import Config, ConfigError, config_from_dict, load_config
+from samdiffsr.config import Config, ConfigError, config_from_dict, deep_merge, load_config
 from samdiffsr.data.stream import TrainStream, to_model_inputs
 from samdiffsr.data.val import load_val_images
 from samdiffsr.models import build_model, load_rrdb_weights, save_weights
@@ -63,14 +63,6 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 # --- configuration --------------------------------------------------------------------------------
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
-
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config: derived from ``train`` / ``optim``, then the ``deepspeed:`` section over it.
 
@@ -95,7 +87,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     path = user.pop("config_path", None)
     if path:
         try:
-            user = _deep_merge(json.loads(Path(path).read_text()), user)
+            user = deep_merge(json.loads(Path(path).read_text()), user)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'deepspeed': cannot read DeepSpeed JSON {path}: {exc}") from exc
     for key in ("optimizer", "scheduler"):
@@ -106,7 +98,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if isinstance(user.get(key), dict) and user[key].get("enabled"):
             raise ConfigError(f"config key 'deepspeed.{key}': use train.precision={key} instead (DeepSpeed's "
                               f"native {key} casts the diffusion schedule buffers to {key})")
-    merged = _deep_merge(derived, user)
+    merged = deep_merge(derived, user)
     micro, accum = merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]
     if merged["train_batch_size"] != micro * accum * world_size:
         raise ConfigError(f"config key 'deepspeed': train_batch_size {merged['train_batch_size']} != micro batch "

@@ -31,21 +31,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms
 
+from samdiffsr.io import FileProblem
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 APPROXIMATE = "colours approximate"
 CMYK_WITHOUT_PROFILE = f"CMYK without an ICC profile -> RGB by Pillow's formula ({APPROXIMATE})"
 
 
-class ImageError(ValueError):
+class ImageError(FileProblem, ValueError):
     """An image file that cannot be used: ``path`` names the file, ``reason`` says why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep both fields across worker processes
-        return type(self), (self.path, self.reason)
 
 
 def is_approximate(note: str | None) -> bool:
