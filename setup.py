@@ -29,11 +29,11 @@ setup(
     extras_require={"dev": ["pytest>=7", "ruff>=0.5", "rotary-embedding-torch>=0.5.3,<0.6"]},
     entry_points={
         "console_scripts": [
-            "samdiffsr-make-shards=samdiffsr.data.shardwriter:main",
+            "samdiffsr-make-shards=samdiffsr.sharding.cli:main",
             "samdiffsr-train=samdiffsr.train.engine:cli",
             "samdiffsr-submit=samdiffsr.cluster.slurm:main",
-            "samdiffsr-benchmark=samdiffsr.evaluation.benchmark:main",
-            "samdiffsr-infer=samdiffsr.evaluation.inference:main",
+            "samdiffsr-benchmark=samdiffsr.evaluation.benchmark_cli:main",
+            "samdiffsr-infer=samdiffsr.evaluation.infer_cli:main",
             "samdiffsr-demo=samdiffsr.demo:main",
         ]
     },

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from samdiffsr.config import load_config
-from samdiffsr.data.stream import TrainStream, to_model_inputs
-from samdiffsr.data.val import load_val_images
-from samdiffsr.evaluation.inference import prepare_lr, to_uint8
+from samdiffsr.data.pairs import load_val_images
+from samdiffsr.data.stream import TrainStream
 from samdiffsr.evaluation.metrics import psnr_y, ssim_y
 from samdiffsr.evaluation.tiling import lr_multiple
 from samdiffsr.imresize import imresize
 from samdiffsr.models.diffusion import build_model
+from samdiffsr.models.inputs import prepare_lr, to_model_inputs, to_uint8
 
 BASE = dict(shards="demo", hidden=32, mults=(1, 2, 2), rb=4, rf=32, rg=16, patch=64, batch=8, T=100,
             rrdb_steps=500, rrdb_lr=5e-4, rrdb_sched=None, lr=5e-4, sched="const", ema=0.0, steps=2000,
@@ -116,7 +116,7 @@ def score(model, vals, device, samplers: dict[str, dict], scale: int = 4) -> dic
                 gen = torch.Generator().manual_seed(k)
                 noise = torch.randn(img_lr_up.shape, generator=gen).to(device)
                 sr = model.sample(img_lr, img_lr_up, noise=noise, generator=gen, **kwargs)
-            sr8 = to_uint8(sr[..., :hr.shape[0], :hr.shape[1]])
+            sr8 = to_uint8(sr[0, :, :hr.shape[0], :hr.shape[1]])
             psnrs.append(psnr_y(sr8, hr, scale))
             ssims.append(ssim_y(sr8, hr, scale))
         out[name] = [float(np.mean(psnrs)), float(np.mean(ssims))]

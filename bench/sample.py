@@ -29,8 +29,7 @@ from results_file import write_section  # bench/results_file.py
 from samdiffsr.config import load_config
 from samdiffsr.evaluation.tiling import sample_tiled
 from samdiffsr.models import build_model
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from samdiffsr.models.inputs import PRECISION_DTYPES
 
 
 def sync(device: torch.device) -> None:
@@ -73,7 +72,7 @@ def machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/samdiffsr_df2k4x.yaml")
     p.add_argument("--lr-size", type=int, default=24, help="LR side (HR = scale x); Set5 LR images are ~64-128")
@@ -81,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-steps", type=int, default=25, help="steps of the respaced (DDIM) sampler")
     p.add_argument("--batch", type=int, default=2, help="images per batched call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISION_DTYPES))
     p.add_argument("--write", default=None, help="also write the table into this results file (## sample)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    device, dtype = torch.device(args.device), PRECISION_DTYPES[args.precision]
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     T, K, B, n = cfg.model.timesteps, args.fast_steps, args.batch, args.lr_size
@@ -115,26 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, steps, batch, sec, ratio in rows:
         print(f"{name:<30} steps {steps:>3}  batch {batch:>2}  {sec:8.3f} s/image  {ratio:6.2f}x")
     if args.write:
-        cmd = "python bench/sample.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        lines = [
-            "## sample", "",
-            f"`{cmd}` — {machine(device)}, torch {torch.__version__}, {args.precision}, "
-            f"{datetime.date.today().isoformat()}. Model: `{args.config}` "
-            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, random weights), "
-            f"LR {n}x{n} -> HR {n * cfg.model.sr_scale}x{n * cfg.model.sr_scale}. Fastest of {args.rounds} "
-            f"interleaved rounds; speed-up is against the first row, measured in the same run.", "",
-            "| variant | steps | batch | s/image | speed-up |", "|---|---:|---:|---:|---:|",
-            *[f"| {name} | {steps} | {batch} | {sec:.3f} | {ratio:.2f}x |" for name, steps, batch, sec, ratio in rows],
-            "",
-        ]
-        if device.type == "cpu":
-            lines += ["On CPU batching gains little (the convolutions already use every core). On a GPU: "
-                      "`python bench/sample.py --device cuda --lr-size 64 --batch 16 --precision bf16` "
-                      "(bench/gpu.sh).", ""]
-        write_section(Path(args.write), "sample", "\n".join(lines[1:]))
-        print(f"written to {args.write}")
+        write_results(args, argv, model, device, rows)
     return 0
 
+
+def write_results(args: argparse.Namespace, argv: list[str] | None, model: torch.nn.Module, device: torch.device,
+                  rows: list[tuple]) -> None:
+    """The ``## sample`` section of ``--write``: the command, the machine and the table."""
+    n, scale = args.lr_size, model.cfg.sr_scale
+    cmd = "python bench/sample.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    lines = [
+        "## sample", "",
+        f"`{cmd}` — {machine(device)}, torch {torch.__version__}, {args.precision}, "
+        f"{datetime.date.today().isoformat()}. Model: `{args.config}` "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, random weights), "
+        f"LR {n}x{n} -> HR {n * scale}x{n * scale}. Fastest of {args.rounds} "
+        f"interleaved rounds; speed-up is against the first row, measured in the same run.", "",
+        "| variant | steps | batch | s/image | speed-up |", "|---|---:|---:|---:|---:|",
+        *[f"| {name} | {steps} | {batch} | {sec:.3f} | {ratio:.2f}x |" for name, steps, batch, sec, ratio in rows],
+        "",
+    ]
+    if device.type == "cpu":
+        lines += ["On CPU batching gains little (the convolutions already use every core). On a GPU: "
+                  "`python bench/sample.py --device cuda --lr-size 64 --batch 16 --precision bf16` "
+                  "(bench/gpu.sh).", ""]
+    write_section(Path(args.write), "sample", "\n".join(lines[1:]))
+    print(f"written to {args.write}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

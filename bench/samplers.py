@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from results_file import cpu_name, write_section  # bench/results_file.py
 
-from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver, load_model
+from samdiffsr.data.pairs import load_share
+from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver
 from samdiffsr.evaluation.metrics import psnr_y, ssim_y
-from samdiffsr.evaluation.sets import load_share, parse_set
+from samdiffsr.evaluation.sets import parse_set
 from samdiffsr.evaluation.tiling import lr_multiple
+from samdiffsr.models.loading import load_model
+from samdiffsr.train.validation import center_crop
 
 # (label, sampler, steps, eta): the paper's chain first (the baseline), then the fewer-step samplers.
 SAMPLERS = [("ddpm", "ddpm", None, 0.0), ("ddim", "ddim", 50, 0.0), ("ddim", "ddim", 25, 0.0),
@@ -36,13 +39,16 @@ SAMPLERS = [("ddpm", "ddpm", None, 0.0), ("ddim", "ddim", 50, 0.0), ("ddim", "dd
 
 
 def centre_crop(pair, size: int, scale: int):
-    """The central ``size`` x ``size`` HR region (on the scale grid) and its LR."""
+    """The central ``size`` x ``size`` HR region of a pair and its LR, cut as validation cuts it (0: whole).
+
+    `center_crop` takes a batch (C x H x W arrays, with a mask): the pair's arrays go in as transposed views,
+    its HR stands in for the mask it crops alongside, and the crops come back H x W x C.
+    """
     if size <= 0:
         return pair.hr, pair.lr
-    h, w = pair.hr.shape[:2]
-    ch, cw = min(h, size) // scale * scale, min(w, size) // scale * scale
-    y, x = (h - ch) // 2 // scale * scale, (w - cw) // 2 // scale * scale
-    return pair.hr[y:y + ch, x:x + cw], pair.lr[y // scale:(y + ch) // scale, x // scale:(x + cw) // scale]
+    hr, lr = pair.hr.transpose(2, 0, 1), pair.lr.transpose(2, 0, 1)
+    out = center_crop({"hr": hr, "lr": lr, "mask": hr}, size, scale)
+    return out["hr"].transpose(1, 2, 0), out["lr"].transpose(1, 2, 0)
 
 
 def lpips_scorer(files: list[str] | None):
@@ -53,7 +59,7 @@ def lpips_scorer(files: list[str] | None):
     return LPIPS.from_files(files)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a trained weights file (weights/stepN.pt)")
     p.add_argument("--set", required=True, help="held-out pairs: a benchmark shard folder or HR image folder")
@@ -62,7 +68,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--lpips-weights", nargs="+", default=None, help="alexnet-owt-7be5be79.pth and alex.pth")
     p.add_argument("--write", type=Path, default=None, help="also write the table into this RESULTS.md")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def measure(loaded, crops, name: str, steps: int | None, eta: float, seeds: int, lpips) -> dict[str, list[float]]:
+    """Per seed, the mean PSNR-Y / SSIM-Y / LPIPS / seconds over ``crops`` for one sampler setting."""
+    scale = loaded.config.model.sr_scale
+    per_seed = {"psnr_y": [], "ssim_y": [], "lpips": [], "seconds": []}
+    for seed in range(seeds):
+        resolver = SuperResolver(loaded, SamplerSettings(sampler=name, steps=steps, eta=eta, seed=seed))
+        scores = {"psnr_y": [], "ssim_y": [], "lpips": [], "seconds": []}
+        for key, hr, lr in crops:
+            start = time.perf_counter()
+            sr = resolver.sample([lr], [key])[0]
+            scores["seconds"].append(time.perf_counter() - start)
+            scores["psnr_y"].append(psnr_y(sr, hr, scale))
+            scores["ssim_y"].append(ssim_y(sr, hr, scale))
+            if lpips is not None:
+                scores["lpips"].append(lpips(sr, hr))
+        for k, v in scores.items():
+            if v:
+                per_seed[k].append(float(np.mean(v)))
+    return per_seed
+
+
+def results_table(rows, seeds: int, with_lpips: bool) -> str:
+    """The markdown table: each sampler's scores, and their difference / speed-up to the first row's."""
+    base = rows[0][2]
+    base_psnr, base_ssim = statistics.mean(base["psnr_y"]), statistics.mean(base["ssim_y"])
+    base_time = min(base["seconds"])
+    lpips_col = " LPIPS |" if with_lpips else ""
+    lines = [f"| sampler | steps | s/image | speed-up | PSNR-Y (min-max over {seeds} seeds) | vs ddpm | "
+             f"SSIM-Y (min-max) | vs ddpm |{lpips_col}",
+             "|---|---:|---:|---:|---|---:|---|---:|" + ("---:|" if with_lpips else "")]
+    for label, steps, s in rows:
+        psnr, ssim, sec = statistics.mean(s["psnr_y"]), statistics.mean(s["ssim_y"]), min(s["seconds"])
+        cells = [label, str(steps), f"{sec:.2f}", f"{base_time / sec:.1f}x",
+                 f"{psnr:.3f} ({min(s['psnr_y']):.3f}-{max(s['psnr_y']):.3f})", f"{psnr - base_psnr:+.3f}",
+                 f"{ssim:.4f} ({min(s['ssim_y']):.4f}-{max(s['ssim_y']):.4f})", f"{ssim - base_ssim:+.4f}"]
+        if with_lpips:
+            cells.append(f"{statistics.mean(s['lpips']):.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record(args: argparse.Namespace, argv: list[str] | None, images: int, table: str, with_lpips: bool) -> None:
+    """Write the table, with the command and the machine, into the ``--write`` RESULTS.md."""
+    command = "python bench/samplers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    where = (f"{images} held-out images" + (f", central {args.crop}x{args.crop} HR crops" if args.crop
+                                            else ", whole") + f", {args.seeds} seeds each")
+    lpips_note = "" if with_lpips else " LPIPS: not measured (its weights files are not on this machine)."
+    body = (f"`{command}`\n\n{datetime.date.today()}, {cpu_name()}, {platform.system()}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads; {where}; s/image is the fastest seed."
+            f"{lpips_note}\n\n{table}")
+    write_section(args.write, "Samplers on the trained demo model", body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -74,52 +137,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for label, name, steps, eta in SAMPLERS:
-        per_seed = {"psnr_y": [], "ssim_y": [], "lpips": [], "seconds": []}
-        for seed in range(args.seeds):
-            resolver = SuperResolver(loaded, SamplerSettings(sampler=name, steps=steps, eta=eta, seed=seed))
-            scores = {"psnr_y": [], "ssim_y": [], "lpips": [], "seconds": []}
-            for key, hr, lr in crops:
-                start = time.perf_counter()
-                sr = resolver.sample([lr], [key])[0]
-                scores["seconds"].append(time.perf_counter() - start)
-                scores["psnr_y"].append(psnr_y(sr, hr, scale))
-                scores["ssim_y"].append(ssim_y(sr, hr, scale))
-                if lpips is not None:
-                    scores["lpips"].append(lpips(sr, hr))
-            for k, v in scores.items():
-                if v:
-                    per_seed[k].append(float(np.mean(v)))
+        per_seed = measure(loaded, crops, name, steps, eta, args.seeds, lpips)
         rows.append((label, steps or loaded.config.model.timesteps, per_seed))
         print(f"{label:>11} {rows[-1][1]:>4} steps: psnr_y {statistics.mean(per_seed['psnr_y']):.3f}"
               f"  ssim_y {statistics.mean(per_seed['ssim_y']):.4f}  {min(per_seed['seconds']):.2f} s/image",
               flush=True)
 
-    base = rows[0][2]
-    base_psnr, base_ssim = statistics.mean(base["psnr_y"]), statistics.mean(base["ssim_y"])
-    base_time = min(base["seconds"])
-    lpips_col = " LPIPS |" if lpips is not None else ""
-    lines = [f"| sampler | steps | s/image | speed-up | PSNR-Y (min-max over {args.seeds} seeds) | vs ddpm | "
-             f"SSIM-Y (min-max) | vs ddpm |{lpips_col}",
-             "|---|---:|---:|---:|---|---:|---|---:|" + ("---:|" if lpips is not None else "")]
-    for label, steps, s in rows:
-        psnr, ssim, sec = statistics.mean(s["psnr_y"]), statistics.mean(s["ssim_y"]), min(s["seconds"])
-        cells = [label, str(steps), f"{sec:.2f}", f"{base_time / sec:.1f}x",
-                 f"{psnr:.3f} ({min(s['psnr_y']):.3f}-{max(s['psnr_y']):.3f})", f"{psnr - base_psnr:+.3f}",
-                 f"{ssim:.4f} ({min(s['ssim_y']):.4f}-{max(s['ssim_y']):.4f})", f"{ssim - base_ssim:+.4f}"]
-        if lpips is not None:
-            cells.append(f"{statistics.mean(s['lpips']):.4f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = results_table(rows, args.seeds, lpips is not None)
     print(table)
     if args.write:
-        command = "python bench/samplers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        where = (f"{len(crops)} held-out images" + (f", central {args.crop}x{args.crop} HR crops" if args.crop
-                                                    else ", whole") + f", {args.seeds} seeds each")
-        lpips_note = "" if lpips is not None else " LPIPS: not measured (its weights files are not on this machine)."
-        body = (f"`{command}`\n\n{datetime.date.today()}, {cpu_name()}, {platform.system()}, torch "
-                f"{torch.__version__}, {torch.get_num_threads()} threads; {where}; s/image is the fastest seed."
-                f"{lpips_note}\n\n{table}")
-        write_section(args.write, "Samplers on the trained demo model", body)
+        record(args, argv, len(crops), table, lpips is not None)
     return 0
 
 

@@ -7,7 +7,7 @@ masker (not timed). Timed, in the same process, on the same files:
 - ``naive``: one image at a time in one process, as a straightforward script does it: PIL load, json +
   pycocotools decode, float32 SPE map, MATLAB LR, tiles, ``webdataset.ShardWriter`` with its default
   encoders and the mask stored as a float32 ``.npy``.
-- ``ours``: :func:`samdiffsr.data.shardwriter.make_shards` with ``--masks DIR`` (1 worker, then
+- ``ours``: :func:`samdiffsr.sharding.job.make_shards` with ``--masks DIR`` (1 worker, then
   ``--workers`` processes): label map + value table, pre-encoded fields, ordered parallel workers,
   crash-safe shards, journal and manifests.
 
@@ -38,13 +38,13 @@ from pycocotools import mask as mask_utils
 from results_file import cpu_name, write_section  # bench/results_file.py
 
 from samdiffsr.data.reader import read_samples
-from samdiffsr.data.samples import MaskSource
-from samdiffsr.data.shardwriter import ShardSettings, make_shards
-from samdiffsr.data.tiles import TileSpec, tile_positions
 from samdiffsr.imresize import imresize
 from samdiffsr.masks.classical import FelzenszwalbMasker
 from samdiffsr.masks.rle import write_mask_json
 from samdiffsr.masks.spe import spe_map
+from samdiffsr.sharding.job import ShardSettings, make_shards
+from samdiffsr.sharding.samples import MaskSource
+from samdiffsr.sharding.tiles import TileSpec, tile_positions
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")
 

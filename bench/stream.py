@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from samdiffsr.config import DataConfig
 from samdiffsr.data.reader import encode_mask, read_samples
 from samdiffsr.data.shardlist import expand_shards
-from samdiffsr.data.stream import TrainStream, to_model_inputs
+from samdiffsr.data.stream import TrainStream
 from samdiffsr.imresize import imresize
+from samdiffsr.models.inputs import to_model_inputs
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
           "stereo_motorcycle", "colorwheel")
@@ -176,7 +177,7 @@ def machine() -> str:
     return f"{cpu_name()}, torch {torch.__version__}, numpy {np.__version__}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="", help="shard pattern or folder (default: build synthetic shards)")
     p.add_argument("--tiles", type=int, default=256, help="tiles in the synthetic shards / baseline store")
@@ -194,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # per-core figures: one thread for the in-process paths
+    return p.parse_args(argv)
 
-    crops_list = [int(c) for c in args.crops.split(",")]
-    worker_counts = sorted({0, args.workers})
+
+def measure(args: argparse.Namespace, crops_list: list[int],
+            worker_counts: list[int]) -> tuple[dict[tuple, float], float, torch.device]:
+    """Best samples/s per (crops or "base", workers), and the device seconds per batch of the input mapping."""
     best: dict[tuple, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pattern = args.shards or build_shards(Path(tmp), args.tiles, args.scale)
@@ -216,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"round {r}: ours crops/tile={c} workers={w}: {rate:7.1f} samples/s", flush=True)
         device = torch.device(args.device)
         sec = device_seconds(pattern, device, args.batch, args.scale, args.patch, args.lr_up_divisor)
+    return best, sec, device
 
+
+def results_table(best: dict[tuple, float], crops_list: list[int], worker_counts: list[int]) -> str:
     rows = []
     for w in worker_counts:
         per = best["base", w] / max(w, 1)
@@ -225,7 +230,16 @@ def main(argv: list[str] | None = None) -> None:
             per_ours = best[c, w] / max(w, 1)
             rows.append(f"| ours, {c} crops/tile | {w} | {best[c, w]:.0f} | {per_ours:.0f} "
                         f"| {1e3 / per_ours:.3f} | {per_ours / per:.1f}x |")
-    table = "\n".join(rows)
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # per-core figures: one thread for the in-process paths
+    crops_list = [int(c) for c in args.crops.split(",")]
+    worker_counts = sorted({0, args.workers})
+    best, sec, device = measure(args, crops_list, worker_counts)
+    table = results_table(best, crops_list, worker_counts)
     print(table)
     w = max(args.workers, 1)
     need = {name: math.ceil(args.target / (best[key] / w)) for name, key in

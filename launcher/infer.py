@@ -1,6 +1,6 @@
 """Super-resolve a folder of LR images with a SAM-DiffSR checkpoint. See --help."""
 
-from samdiffsr.evaluation.inference import main
+from samdiffsr.evaluation.infer_cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

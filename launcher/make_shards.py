@@ -2,7 +2,7 @@
 
 import sys
 
-from samdiffsr.data.shardwriter import main
+from samdiffsr.sharding.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,12 +19,14 @@ from skimage import data as skdata
 
 from samdiffsr.config import load_config
 from samdiffsr.evaluation import metrics
-from samdiffsr.evaluation.benchmark import BenchmarkError, main, run_checkpoints
+from samdiffsr.evaluation.benchmark_cli import main
 from samdiffsr.evaluation.fid import FIDFeatures
-from samdiffsr.evaluation.inference import LoadedModel, SamplerSettings, SuperResolver
+from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver
 from samdiffsr.evaluation.perceptual import LPIPS
+from samdiffsr.evaluation.sweep import BenchmarkError, run_checkpoints
 from samdiffsr.imresize import imresize
 from samdiffsr.models import build_model, save_weights
+from samdiffsr.models.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model": {"hidden_size": 8, "dim_mults": [1, 1, 2, 2], "rrdb_num_block": 2, "rrdb_num_feat": 8,

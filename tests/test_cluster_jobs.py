@@ -31,8 +31,8 @@ from samdiffsr.cluster.jobs import TrainJob, slurm_distributed_env
 from samdiffsr.cluster.slurm import SlurmOptions
 from samdiffsr.cluster.slurm import main as submit_main
 from samdiffsr.data.reader import read_samples
-from samdiffsr.data.shardwriter import main as make_shards
-from samdiffsr.evaluation.benchmark import main as benchmark
+from samdiffsr.evaluation.benchmark_cli import main as benchmark
+from samdiffsr.sharding.cli import main as make_shards
 
 pytestmark = pytest.mark.slow
 

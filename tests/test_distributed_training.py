@@ -22,7 +22,6 @@ import torch
 from train_helpers import (
     REPO,
     TINY,
-    free_port,
     load_net_state,
     rank_env,
     read_losses,
@@ -33,6 +32,7 @@ from train_helpers import (
 from train_helpers import deepspeed_launch as ds_launch
 
 from samdiffsr.config import load_config
+from samdiffsr.distributed import free_port
 from samdiffsr.models import build_model
 from samdiffsr.train.engine import main
 

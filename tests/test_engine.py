@@ -20,7 +20,9 @@ from samdiffsr.cli import EXIT_FAILED, EXIT_USAGE
 from samdiffsr.config import ConfigError, load_config
 from samdiffsr.models import RRDBNet, WeightsError, build_model, save_weights
 from samdiffsr.train import checkpoints
-from samdiffsr.train.engine import NonFiniteLossError, deepspeed_config, main
+from samdiffsr.train.build import deepspeed_config
+from samdiffsr.train.engine import main
+from samdiffsr.train.nonfinite import NonFiniteLossError
 
 
 @pytest.fixture(scope="module")

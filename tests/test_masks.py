@@ -13,15 +13,10 @@ from segment_anything.utils.amg import mask_to_rle_pytorch
 from skimage import data, filters, segmentation
 from skimage.color import rgb2gray
 
+from samdiffsr.io import atomic_write_bytes
 from samdiffsr.masks.cache import load_or_make_masks, meta_path
 from samdiffsr.masks.classical import FelzenszwalbMasker
-from samdiffsr.masks.rle import (
-    MaskFileError,
-    atomic_write_bytes,
-    masks_to_records,
-    read_mask_json,
-    write_mask_json,
-)
+from samdiffsr.masks.rle import MaskFileError, masks_to_records, read_mask_json, write_mask_json
 
 AMG_KEYS = ["segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"]
 

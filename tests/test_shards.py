@@ -16,15 +16,15 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from samdiffsr.images import load_image
 from samdiffsr.data.reader import read_samples
-from samdiffsr.data.samples import sample_key
-from samdiffsr.data.shardcli import run_demo
-from samdiffsr.data.shardwriter import main
+from samdiffsr.demo.photos import run_demo
+from samdiffsr.images import load_image
 from samdiffsr.imresize import imresize
 from samdiffsr.masks.classical import FelzenszwalbMasker
 from samdiffsr.masks.rle import masks_to_records, read_mask_json, write_mask_json
 from samdiffsr.masks.spe import spe_map
+from samdiffsr.sharding.cli import main
+from samdiffsr.sharding.samples import sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "chelsea", "rocket.png": "rocket",

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, TINY, free_port, rank_env, write_rrdb_weights, write_shards
+from train_helpers import REPO, TINY, rank_env, write_rrdb_weights, write_shards
 
+from samdiffsr.distributed import free_port
 from samdiffsr.train import checkpoints
 
 pytestmark = pytest.mark.slow

@@ -21,11 +21,12 @@ from PIL import Image
 
 from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CropSpec, aligned_crop
+from samdiffsr.data.pairs import load_val_images
 from samdiffsr.data.reader import encode_mask
 from samdiffsr.data.shardlist import expand_shards, shard_sizes, slot_shards
-from samdiffsr.data.stream import TrainStream, to_model_inputs
-from samdiffsr.data.val import load_val_images
+from samdiffsr.data.stream import TrainStream
 from samdiffsr.imresize import imresize
+from samdiffsr.models.inputs import to_model_inputs
 
 SCALE = 4
 UNEVEN = (1, 7, 2, 9, 3)

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from samdiffsr.data.tiles import (
+from samdiffsr.imresize import imresize
+from samdiffsr.masks.classical import FelzenszwalbMasker
+from samdiffsr.masks.rle import records_to_masks
+from samdiffsr.masks.spe import spe_map
+from samdiffsr.sharding.tiles import (
     TileSpec,
     cut_tile,
     iter_tiles,
@@ -14,10 +18,6 @@ from samdiffsr.data.tiles import (
     prepare_image,
     tile_positions,
 )
-from samdiffsr.imresize import imresize
-from samdiffsr.masks.classical import FelzenszwalbMasker
-from samdiffsr.masks.rle import records_to_masks
-from samdiffsr.masks.spe import spe_map
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import webdataset as wds
 
 from samdiffsr.data.reader import encode_mask
+from samdiffsr.distributed import free_port
 from samdiffsr.imresize import imresize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +75,6 @@ def write_shards(folder: Path, sizes: tuple[int, ...] = (6, 6), tile: int = 48, 
             path.write_bytes(data[:2048] + rng.bytes(len(data) - 2048))
     (folder / "sizes.json").write_text(json.dumps({f"train-{i:06d}.tar": n for i, n in enumerate(sizes)}))
     return str(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(**extra: str) -> dict[str, str]:

@@ -1,24 +1,9 @@
-"""What runs inside a Slurm job: the distributed environment, the preemption stop, and the job callables.
+"""What runs inside a Slurm job: the distributed environment, the preemption stop, and the job callables
+(:class:`TrainJob`, :class:`ShardsPart` / :class:`ShardsMerge`, :class:`BenchmarkJob`), importable by the
+job's Python.
 
-The callables live in the package (not in a user's script) so that the job's Python can import them:
-:class:`TrainJob` (one per rank, all ranks of one training run), :class:`ShardsPart` / :class:`ShardsMerge`
-(the make_shards array and its merge) and :class:`BenchmarkJob` (a benchmark sweep, work shared by task).
-
-Preemption and time limits (submitit): Slurm sends SIGUSR2 to every task ``--signal-delay`` seconds before
-the limit (``scancel --signal=USR2 JOBID`` does the same by hand). Submitit's own handler would call
-``checkpoint()`` on rank 0 only, inside the signal handler, and then requeue and exit at once: too early for a
-DeepSpeed save, which is collective. So :class:`TrainJob` replaces the handler while training runs with one
-that only sets a flag. The engine polls the flag after every step on every rank and all-reduces it, so all
-ranks stop at the same step boundary and write that step's checkpoint together. Then rank 0 hands the
-signal to submitit's handler: ``checkpoint()`` returns the same :class:`TrainJob` (now with
-``train.resume=must``), submitit requeues the job and exits; the requeued job resumes from
-``run_dir/checkpoints/latest`` in the same run folder. The other ranks wait for Slurm to end them (they must
-not write a submitit result: the job is not finished). SIGTERM (preemption with a grace time, ``scancel``)
-also makes the ranks save at the next step; Slurm then decides about a requeue (``--requeue``).
-
-The same flag serves the sbatch path (slurm/train.sbatch): :func:`run_rank` runs one rank under ``srun``
-and exits with :data:`EXIT_REQUEUE` after a SIGUSR2 stop, which the batch script answers with
-``scontrol requeue``.
+The one rule: a preemption signal only sets a flag, and every rank saves at the same step boundary before
+rank 0 lets submitit requeue the job (a DeepSpeed save is collective). The design: docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -135,29 +120,24 @@ class TrainJob:
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                          overwrite=True)
         limit_threads(os.environ)
-        usr = preempt_signal()
+        preempt = preempt_signal()
         stop = StopRequest()
-        with stop.catching(usr, signal.SIGTERM) as submitit_handlers:
+        with stop.catching(preempt, signal.SIGTERM) as submitit_handlers:
             summary = engine.main(self.argv(), stop_requested=stop)
-        if not summary["stopped"] or summary["step"] >= self.max_steps():
-            return summary  # a signal at the very last step: the run is complete anyway
+        if not summary["stopped"]:  # (a signal at the very last step is not a stop: the run is complete)
+            return summary
         signals = "+".join(s.name for s in stop.received) or "another rank's signal"
         why = f"rank {dist_env.rank} stopped at step {summary['step']} on {signals} after saving its checkpoint"
-        if dist_env.rank == 0 and usr in stop.received and callable(submitit_handlers[usr]):
+        if dist_env.rank == 0 and preempt in stop.received and callable(submitit_handlers[preempt]):
             # submitit's handler: checkpoint() -> requeue (or UncompletedJobError past the limit) -> exit.
-            submitit_handlers[usr](usr, None)
+            submitit_handlers[preempt](preempt, None)
         wait_to_be_ended(self.grace_s, why)
         raise AssertionError("unreachable")
-
-    def max_steps(self) -> int:
-        from samdiffsr.config import load_config
-
-        return load_config(self.config, self.overrides).train.max_steps
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) before it requeues: the same run, resumed from its latest checkpoint.
 
-        The collective save already happened (see the module docstring). When no checkpoint exists yet (the
+        The collective save already happened (docs/cluster.md). When no checkpoint exists yet (the
         signal came before the first one), the job restarts as it was first submitted.
         """
         latest = Path(self.run_dir) / "checkpoints" / "latest"
@@ -173,19 +153,17 @@ def run_rank(argv: list[str]) -> int:
     exit status :data:`EXIT_REQUEUE` after SIGUSR2 (the batch script requeues), :data:`EXIT_TERMINATED`
     after SIGTERM alone.
     """
-    from samdiffsr.config import load_config
     from samdiffsr.train import engine
 
     os.environ.update(slurm_distributed_env(os.environ))
     limit_threads(os.environ)
-    usr = preempt_signal()
+    preempt = preempt_signal()
     stop = StopRequest()
-    with stop.catching(usr, signal.SIGTERM):
+    with stop.catching(preempt, signal.SIGTERM):
         summary = engine.main(argv, stop_requested=stop)
-    args = engine.parse_args(argv)
-    if not summary["stopped"] or summary["step"] >= load_config(args.config, args.overrides).train.max_steps:
+    if not summary["stopped"]:  # (a signal at the very last step is not a stop: the run is complete)
         return 0
-    return EXIT_REQUEUE if usr in stop.received or not stop.received else EXIT_TERMINATED
+    return EXIT_REQUEUE if preempt in stop.received or not stop.received else EXIT_TERMINATED
 
 
 # --- data and evaluation -------------------------------------------------------------------------------
@@ -197,7 +175,8 @@ class ShardsPart:
     num_parts: int
 
     def __call__(self, part: int) -> int:
-        from samdiffsr.data.shardwriter import EXIT_CODES, main
+        from samdiffsr.cli import EXIT_CODES
+        from samdiffsr.sharding.cli import main
 
         code = main([*self.argv, "--num-parts", str(self.num_parts), "--part", str(part), "--no-progress"])
         if code not in (0, 1):
@@ -216,7 +195,7 @@ class ShardsMerge:
     out: str
 
     def __call__(self) -> int:
-        from samdiffsr.data.shardwriter import main
+        from samdiffsr.sharding.cli import main
 
         code = main(["--merge", "--out", self.out])
         if code not in (0, 1):
@@ -231,7 +210,7 @@ class BenchmarkJob:
     argv: list[str]
 
     def __call__(self) -> int:
-        from samdiffsr.evaluation.benchmark import main
+        from samdiffsr.evaluation.benchmark_cli import main
 
         job = submitit.JobEnvironment()  # task r takes share r; LOCAL_RANK picks the GPU
         os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))

@@ -153,14 +153,15 @@ def follow_lines(job: submitit.SlurmJob, what: str) -> list[str]:
 
 def check_training_inputs(cfg: Config) -> None:
     """The files a training job needs at start, checked at submit time: its shards and RRDB weights."""
-    t = cfg.train
-    resuming = t.resume not in ("auto", "never", "must") or (Path(t.run_dir) / "checkpoints" / "latest").exists()
-    if t.task == "diffusion" and not resuming:  # a fresh start loads the RRDB (train/engine.py)
-        if t.freeze_rrdb and not t.rrdb_ckpt:
-            raise ConfigError("config key 'train.rrdb_ckpt': a frozen RRDB (train.freeze_rrdb=true) needs "
-                              "pretrained weights (run the rrdb task first, or give the authors' checkpoint)")
-        if t.rrdb_ckpt and not Path(t.rrdb_ckpt).is_file():
-            raise ConfigError(f"config key 'train.rrdb_ckpt': file not found: {t.rrdb_ckpt}")
+    from samdiffsr.train.build import check_rrdb_weights
+
+    settings = cfg.train
+    resuming = (settings.resume not in ("auto", "never", "must")
+                or (Path(settings.run_dir) / "checkpoints" / "latest").exists())
+    if settings.task == "diffusion" and not resuming:  # a fresh start loads the RRDB (train/build.py)
+        check_rrdb_weights(settings)
+        if settings.rrdb_ckpt and not Path(settings.rrdb_ckpt).is_file():
+            raise ConfigError(f"config key 'train.rrdb_ckpt': file not found: {settings.rrdb_ckpt}")
     try:
         expand_shards(cfg.data.train_shards)
     except FileNotFoundError as exc:
@@ -170,15 +171,15 @@ def check_training_inputs(cfg: Config) -> None:
 # --- the commands ------------------------------------------------------------------------------------
 def submit_train(argv: list[str]) -> int:
     from samdiffsr.config import load_config
-    from samdiffsr.train.engine import deepspeed_config
+    from samdiffsr.train.build import deepspeed_config
 
-    p = ArgumentParser(prog="submit", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--config", help="training config (configs/*.yaml)")
-    p.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000")
-    add_slurm_arguments(p)
-    args = p.parse_intermixed_args(argv)
+    parser = ArgumentParser(prog="submit", description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", help="training config (configs/*.yaml)")
+    parser.add_argument("--run-dir", help="run folder (overrides train.run_dir)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000")
+    add_slurm_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
     opts = options_from_args(args)
     overrides = list(args.overrides) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     world = opts.nodes * opts.tasks
@@ -209,17 +210,17 @@ def _split_dashes(argv: list[str], command: str) -> tuple[list[str], list[str]]:
 
 
 def submit_shards(argv: list[str]) -> int:
-    from samdiffsr.data.shardcli import settings_from_args
+    from samdiffsr.sharding.cli import settings_from_args
 
     ours, rest = _split_dashes(argv, "shards")
-    p = ArgumentParser(prog="submit shards", allow_abbrev=False,
-                                description="make_shards (launcher/make_shards.py) as a Slurm job array: task i "
-                                "writes part i of P, a dependent job merges the manifests.")
-    p.add_argument("--parts", type=int, required=True, help="array tasks = parts of the image list")
-    add_slurm_arguments(p, multi_task=False)
-    args = p.parse_args(ours)
+    parser = ArgumentParser(prog="submit shards", allow_abbrev=False,
+                            description="make_shards (launcher/make_shards.py) as a Slurm job array: task i "
+                            "writes part i of P, a dependent job merges the manifests.")
+    parser.add_argument("--parts", type=int, required=True, help="array tasks = parts of the image list")
+    add_slurm_arguments(parser, multi_task=False)
+    args = parser.parse_args(ours)
     if args.parts < 1:
-        p.error("--parts must be >= 1")
+        parser.error("--parts must be >= 1")
     try:  # make_shards' own checks (it prints its usage error)
         shard_args, _ = settings_from_args([*rest, "--num-parts", str(args.parts), "--part", "0"])
     except SystemExit as exc:
@@ -247,14 +248,14 @@ def submit_shards(argv: list[str]) -> int:
 
 
 def submit_benchmark(argv: list[str]) -> int:
-    from samdiffsr.evaluation.benchmark import build_parser
+    from samdiffsr.evaluation.benchmark_cli import build_parser
 
     ours, rest = _split_dashes(argv, "benchmark")
-    p = ArgumentParser(prog="submit benchmark", allow_abbrev=False,
-                                description="launcher/benchmark.py as a Slurm job; its tasks share the images "
-                                "(SLURM_PROCID / SLURM_NTASKS), rank 0 writes the tables.")
-    add_slurm_arguments(p)
-    args = p.parse_args(ours)
+    parser = ArgumentParser(prog="submit benchmark", allow_abbrev=False,
+                            description="launcher/benchmark.py as a Slurm job; its tasks share the images "
+                            "(SLURM_PROCID / SLURM_NTASKS), rank 0 writes the tables.")
+    add_slurm_arguments(parser)
+    args = parser.parse_args(ours)
     bench = build_parser().parse_args(rest)
     if not (bench.out or bench.run):
         raise UserError("give the benchmark --out, or --run (then <run>/benchmark)")

@@ -104,8 +104,9 @@ def read_samples(urls: str | list[str]) -> Iterator[dict[str, Any]]:
 
     Plain sequential reading: no node or worker splitting, so it works the same inside a distributed job.
     """
-    from .shardlist import expand_shards
-    from .tarread import read_shard
+    # Imported here: the sharding job imports this module for the sample format only.
+    from samdiffsr.data.shardlist import expand_shards
+    from samdiffsr.data.tarread import read_shard
 
     sources = [urls] if isinstance(urls, str) else list(urls)
     for source in sources:

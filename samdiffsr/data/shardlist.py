@@ -19,18 +19,14 @@ import tarfile
 from collections.abc import Iterator
 from itertools import count, islice
 
-import numpy as np
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
+
+from samdiffsr.distributed import derive_seed
 
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
-
-
-def derive_seed(*key: int) -> int:
-    """A 64-bit seed that is a pure function of non-negative integers (no global RNG, no hashing salt)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])
 
 
 def expand_shards(source: str) -> list[str]:

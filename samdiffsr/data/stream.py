@@ -1,39 +1,10 @@
-"""The training stream: shards -> shuffled tiles -> aligned random crops -> uint8 batches -> device inputs.
+"""The training stream: shards -> shuffled tiles -> aligned random crops -> uint8 batches.
 
-``TrainStream(data_cfg, batch_size=B, scale=s, seed=S, rank=r, world_size=n)`` gives every rank the
-same ``epoch_batches`` per epoch, and ``iter_epoch(epoch, skip_batches=k)`` yields batches ``k ..
-epoch_batches - 1`` of that epoch. What a rank sees is a pure function of (seed, epoch, rank, world size,
-DataLoader worker count, data config): resuming needs the same world size, ``data.workers`` and batch size.
-
-Per DataLoader worker ``w`` of ``W``: the slot's endless shard sequence (`shardlist.slot_shards`) ->
-tar samples -> a seeded sample shuffle buffer -> ``reader.decode_sample`` -> ``crops_per_tile`` aligned
-crops per tile (seeded; a crop shuffle buffer spreads one tile's crops over several batches) -> batches.
-
-Equal batches: the source never runs dry, so the epoch is cut by count. ``epoch_batches`` is the
-manifest's sample total (times ``crops_per_tile``) // (world_size * B), or ``data.samples_per_epoch // B``.
-Logical worker ``w`` makes ``epoch_batches // W`` batches, plus one when ``w < epoch_batches % W``;
-the DataLoader takes them round robin, so global batch ``g`` is batch ``g // W`` of worker ``g % W``.
-
-Resume: to start at batch ``k``, physical worker ``p`` plays logical worker ``(k + p) % W`` from its
-local batch ``(k + p) // W``; the round robin then yields exactly ``k, k+1, ...``. Skipping re-reads the
-skipped part of the slot's stream and decodes those tiles (a corrupt tile must be found to be skipped
-exactly as in the first run) and draws their crop parameters, but copies no crop pixels and collates
-nothing: about one decode per skipped tile (~0.5-1 ms for a 320 tile), spread over the workers.
-
-Memory per worker: the sample shuffle buffer holds ``shuffle_buffer`` raw samples (~0.55 MB for a 320
-tile with its mask), and with ``crops_per_tile > 1`` a crop buffer of ``2 * crops_per_tile * B`` crops keeps
-up to that many decoded tiles alive (~0.7 MB each).
-
-Corrupt samples, unreadable shards and tiles smaller than the patch are skipped with a warning and
-counted in ``TrainStream.counts``; only a stream that yields nothing usable for many shards raises
-:class:`DataError` (one line naming ``data.train_shards``, with the counts of what was skipped).
-
-Signals: the workers ignore the signals given as ``worker_ignores`` (the engine's stop signals), so that a
-signal sent to the whole process group (Slurm, ``kill -- -PGID``, a launcher) leaves them to their rank,
-which saves a checkpoint and then shuts them down. They are blocked while the workers start, so none is
-lost or kills a worker in between. A worker still ends when its rank dies (torch's watchdog). An epoch's
-workers end as soon as its iterator is closed, finished or failed (``SIGKILL`` if they do not stop when
-asked, since torch's ``SIGTERM`` is ignored): none lingers to block the process's exit.
+What a rank sees is a pure function of (seed, epoch, rank, world size, DataLoader worker count, data
+config), so resuming needs the same world size, ``data.workers`` and batch size. Every rank makes the same
+``epoch_batches``; the DataLoader takes the workers' batches round robin (global batch ``g`` is batch
+``g // W`` of logical worker ``g % W``), which is what lets ``iter_epoch(epoch, skip_batches=k)`` resume
+exactly. How an epoch is built and cut, resume costs, memory, bad data and signals: docs/data.md.
 """
 
 from __future__ import annotations
@@ -55,9 +26,9 @@ from samdiffsr.cli import UserError
 from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CROP_DRAWS, CropSpec, aligned_crop, collate, fits
 from samdiffsr.data.reader import decode_sample
-from samdiffsr.data.shardlist import derive_seed, expand_shards, missing_shards, shard_sizes, slot_shards
+from samdiffsr.data.shardlist import expand_shards, missing_shards, shard_sizes, slot_shards
 from samdiffsr.data.tarread import read_shard
-from samdiffsr.imresize import imresize_torch
+from samdiffsr.distributed import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +61,9 @@ def buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Itera
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Everything a worker needs to build its part of an epoch (picklable, no open files)."""
+class _StreamSettings:
+    """A rank's stream settings, handed to each DataLoader worker to build its part of an epoch (picklable,
+    no open files)."""
 
     urls: tuple[str, ...]
     sizes: tuple[int, ...]
@@ -143,15 +115,15 @@ def _without_url(exc: BaseException, url: str) -> str:
     return text[len(url) + 2:] if text.startswith(f"{url}: ") else text
 
 
-def _tiles(plan: _Plan, key: tuple[int, ...], worker: int, workers: int,
+def _tiles(settings: _StreamSettings, key: tuple[int, ...], worker: int, workers: int,
            counts: np.ndarray) -> Iterator[dict]:
     """Decoded, valid tiles of one slot (``key`` = seed, epoch, rank, world size, worker, workers)."""
-    shards = slot_shards(list(plan.urls), list(plan.sizes), seed=plan.seed, epoch=key[1], rank=plan.rank,
-                         world_size=plan.world_size, worker=worker, num_workers=workers,
-                         resampled=plan.resampled)
-    guard = _DryGuard(10 * len(plan.urls) + plan.shuffle_buffer + 100)
+    shards = slot_shards(list(settings.urls), list(settings.sizes), seed=settings.seed, epoch=key[1],
+                         rank=settings.rank, world_size=settings.world_size, worker=worker, num_workers=workers,
+                         resampled=settings.resampled)
+    guard = _DryGuard(10 * len(settings.urls) + settings.shuffle_buffer + 100)
     raw = _raw_samples(guard.watch(shards), counts)
-    for sample in buffer_shuffle(raw, plan.shuffle_buffer, random.Random(derive_seed(*key, _SAMPLE_SHUFFLE))):
+    for sample in buffer_shuffle(raw, settings.shuffle_buffer, random.Random(derive_seed(*key, _SAMPLE_SHUFFLE))):
         try:
             tile = decode_sample(sample)
         except Exception as exc:  # any decode failure is a bad sample, never a crash
@@ -159,11 +131,11 @@ def _tiles(plan: _Plan, key: tuple[int, ...], worker: int, workers: int,
             log.warning("skipping corrupt sample %s from %s: %s",
                         sample.get("__key__"), sample.get("__url__"), exc)
             continue
-        if tile["hr"].shape[0] != tile["lr"].shape[0] * plan.spec.scale:
+        if tile["hr"].shape[0] != tile["lr"].shape[0] * settings.spec.scale:
             counts[_BAD] += 1
-            log.warning("skipping sample %s: its scale is not %d", tile["key"], plan.spec.scale)
+            log.warning("skipping sample %s: its scale is not %d", tile["key"], settings.spec.scale)
             continue
-        if not fits(tile["hr"].shape, plan.spec):
+        if not fits(tile["hr"].shape, settings.spec):
             counts[_SMALL] += 1
             log.warning("skipping sample %s: %s is smaller than the patch", tile["key"], tile["hr"].shape[:2])
             continue
@@ -171,40 +143,41 @@ def _tiles(plan: _Plan, key: tuple[int, ...], worker: int, workers: int,
         yield tile
 
 
-def _crops(plan: _Plan, epoch: int, worker: int, workers: int, counts: np.ndarray) -> Iterator[tuple]:
+def _crops(settings: _StreamSettings, epoch: int, worker: int, workers: int, counts: np.ndarray) -> Iterator[tuple]:
     """The endless crop stream of one logical worker (views into decoded tiles)."""
-    key = (plan.seed, epoch, plan.rank, plan.world_size, worker, workers)
+    key = (settings.seed, epoch, settings.rank, settings.world_size, worker, workers)
     rng = np.random.default_rng(derive_seed(*key, _CROPS))
-    c = plan.crops_per_tile
+    c = settings.crops_per_tile
 
     def crops() -> Iterator[tuple]:
-        for tile in _tiles(plan, key, worker, workers, counts):
+        for tile in _tiles(settings, key, worker, workers, counts):
             for draws in rng.random((c, CROP_DRAWS)):
-                yield aligned_crop(tile["hr"], tile["lr"], tile["mask"], draws, plan.spec)
+                yield aligned_crop(tile["hr"], tile["lr"], tile["mask"], draws, settings.spec)
 
     if c == 1:
         return crops()
-    return buffer_shuffle(crops(), 2 * c * plan.batch_size, random.Random(derive_seed(*key, _CROP_SHUFFLE)))
+    return buffer_shuffle(crops(), 2 * c * settings.batch_size, random.Random(derive_seed(*key, _CROP_SHUFFLE)))
 
 
 class _EpochDataset(IterableDataset):
-    """One epoch from batch ``skip`` on; each DataLoader worker builds its share (module docstring)."""
+    """One epoch from batch ``skip`` on: physical worker ``p`` of ``W`` plays logical worker ``(skip + p) % W``
+    from its local batch ``(skip + p) // W``, so the round robin yields batches ``skip, skip + 1, ...``."""
 
-    def __init__(self, plan: _Plan, epoch: int, skip: int) -> None:
+    def __init__(self, settings: _StreamSettings, epoch: int, skip: int) -> None:
         super().__init__()
-        self.plan, self.epoch, self.skip = plan, epoch, skip
+        self.settings, self.epoch, self.skip = settings, epoch, skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, physical = (info.num_workers, info.id) if info else (1, 0)
         worker, local_skip = (self.skip + physical) % workers, (self.skip + physical) // workers
-        todo = worker_batches(self.plan.epoch_batches, workers, worker) - local_skip
+        todo = worker_batches(self.settings.epoch_batches, workers, worker) - local_skip
         counts = np.zeros(len(COUNT_KEYS), np.int64)
-        b = self.plan.batch_size
-        crops = islice(_crops(self.plan, self.epoch, worker, workers, counts), local_skip * b, None)
+        b = self.settings.batch_size
+        crops = islice(_crops(self.settings, self.epoch, worker, workers, counts), local_skip * b, None)
         for _ in range(max(todo, 0)):
             try:
-                batch: dict[str, Any] = collate(list(islice(crops, b)), self.plan.spec)
+                batch: dict[str, Any] = collate(list(islice(crops, b)), self.settings.spec)
             except DataError as exc:  # handed over as data: torch re-raises a worker's error as multi-line text
                 yield {"error": f"{exc}; skipped: {counts[_BAD]} corrupt samples, {counts[_READ]} unreadable "
                                 f"shards, {counts[_SMALL]} tiles smaller than the patch (see the warnings above)"}
@@ -226,8 +199,8 @@ class TrainStream:
     """Per-rank training batches: ``epoch_batches`` (equal on all ranks) and ``iter_epoch``.
 
     Batches are dicts: ``hr`` B x 3 x P x P uint8, ``lr`` B x 3 x P/s x P/s uint8, ``mask`` B x 1 x P x P
-    float32 (uint8 images: 4x less to copy between processes and to pin); `to_model_inputs` turns one
-    into model inputs on the device.
+    float32 (uint8 images: 4x less to copy between processes and to pin); `models.inputs.to_model_inputs`
+    turns one into model inputs on the device.
     ``counts`` holds the skipped bad samples / read errors / small tiles seen so far by this object.
     """
 
@@ -261,7 +234,7 @@ class TrainStream:
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self.counts["missing_shards"] = len(missing) if rank == 0 else 0  # summed over ranks when logged
         spec = CropSpec(data_cfg.patch_size, scale, data_cfg.hflip, data_cfg.vflip, data_cfg.rot90)
-        self._plan = _Plan(tuple(urls), tuple(sizes), spec, batch_size, data_cfg.crops_per_tile,
+        self._settings = _StreamSettings(tuple(urls), tuple(sizes), spec, batch_size, data_cfg.crops_per_tile,
                            data_cfg.shuffle_buffer, data_cfg.resampled, seed, rank, world_size,
                            self.epoch_batches)
 
@@ -270,7 +243,7 @@ class TrainStream:
         if epoch < 0 or not 0 <= skip_batches <= self.epoch_batches:
             raise ValueError(f"epoch {epoch} / skip_batches {skip_batches} outside 0..{self.epoch_batches}")
         loader = DataLoader(
-            _EpochDataset(self._plan, epoch, skip_batches), batch_size=None, num_workers=self.workers,
+            _EpochDataset(self._settings, epoch, skip_batches), batch_size=None, num_workers=self.workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.workers else None,
             worker_init_fn=partial(_ignore_signals, self.worker_ignores) if self.worker_ignores else None,
         )
@@ -306,23 +279,3 @@ def _shut_down(batches: Iterator[Any]) -> None:
         if worker.is_alive():
             worker.kill()
             worker.join()
-
-
-def to_model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str, scale: int,
-                    lr_up_divisor: float = 255.0, channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Move a uint8 batch to ``device`` and build the model inputs there.
-
-    ``img_hr`` / ``img_lr``: x / 255 mapped to [-1, 1] exactly as torchvision's ToTensor + Normalize(0.5,
-    0.5) do in the authors' loader; ``img_lr_up``: MATLAB bicubic x``scale`` of ``lr / lr_up_divisor``,
-    mapped the same way (the authors use 256 here, see ModelConfig.lr_up_divisor); ``mask`` as stored.
-    """
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    hr, lr, mask = (batch[k].to(device, non_blocking=True) for k in ("hr", "lr", "mask"))
-    lr_up = imresize_torch(lr.float() / lr_up_divisor, scale=scale)
-    out = {
-        "img_hr": hr.float().div(255).sub(0.5).div(0.5),
-        "img_lr": lr.float().div(255).sub(0.5).div(0.5),
-        "img_lr_up": lr_up.sub(0.5).div(0.5),
-        "mask": mask.float(),
-    }
-    return {k: v.contiguous(memory_format=fmt) for k, v in out.items()}

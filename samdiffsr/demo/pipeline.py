@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from samdiffsr.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UserError, run_cli
+from samdiffsr.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,12 +88,6 @@ def check_settings(settings: DemoSettings) -> None:
         raise UserError(f"--bench-sampler: {exc}") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
@@ -125,7 +119,7 @@ def launch_training(config: str, overrides: list[str], ranks: int, run_dir: Path
     else:
         ranks = min(ranks, gpus)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(REPO / "launcher" / "train.py"), "--config", config, *overrides]
+           "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), "--config", config, *overrides]
     print("$ " + " ".join(cmd[2:]), flush=True)
     if subprocess.run(cmd, env=env, cwd=REPO).returncode != 0:
         raise DemoError(f"training with {config} failed (see the output above)")
@@ -133,8 +127,8 @@ def launch_training(config: str, overrides: list[str], ranks: int, run_dir: Path
 
 def run_demo(settings: DemoSettings) -> Path:
     """Run every stage; returns the benchmark output folder."""
-    from samdiffsr.data.shardcli import run_demo as make_demo_shards
-    from samdiffsr.evaluation.benchmark import main as benchmark_main
+    from samdiffsr.demo.photos import run_demo as make_demo_shards
+    from samdiffsr.evaluation.benchmark_cli import main as benchmark_main
 
     start = time.perf_counter()
     work, shards_dir = Path(settings.workdir), Path(settings.shards)
@@ -190,9 +184,10 @@ def run_demo(settings: DemoSettings) -> Path:
 def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: str) -> tuple[str, Path]:
     """The three rows and the verdict (also written to ``out/demo.md``), and the comparison picture."""
     from samdiffsr.config import load_config
-    from samdiffsr.images import read_image
-    from samdiffsr.evaluation.sets import load_share, parse_set
+    from samdiffsr.data.pairs import load_share
+    from samdiffsr.evaluation.sets import parse_set
     from samdiffsr.evaluation.tiling import lr_multiple
+    from samdiffsr.images import read_image
 
     from .report import (
         best_checkpoint,

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.inference import prepare_lr, to_uint8
-from ..evaluation.metrics import pixel_metrics
-from ..evaluation.sets import Pair
-from ..imresize import imresize
-from ..models.rrdb import RRDBNet
-from ..models.weights import load_rrdb_weights
+from samdiffsr.data.pairs import Pair
+from samdiffsr.evaluation.metrics import pixel_metrics
+from samdiffsr.imresize import imresize
+from samdiffsr.models.inputs import prepare_lr, to_uint8
+from samdiffsr.models.rrdb import RRDBNet
+from samdiffsr.models.weights import load_rrdb_weights
 
 TABLE_METRICS = ("psnr_y", "ssim_y")
 
@@ -51,7 +51,7 @@ def rrdb_outputs(weights: Path, pairs: list[Pair], *, num_feat: int, num_block: 
     load_rrdb_weights(rrdb, weights)
     rrdb.eval()
     # The RRDB is fully convolutional: no padding (multiple 1); the bicubic input prepare_lr also makes is unused.
-    return [to_uint8(rrdb(prepare_lr(pair.lr, scale, 255.0, 1, torch.device("cpu"))[0])) for pair in pairs]
+    return [to_uint8(rrdb(prepare_lr(pair.lr, scale, 255.0, 1, torch.device("cpu"))[0])[0]) for pair in pairs]
 
 
 def mean_metrics(srs: list[np.ndarray], pairs: list[Pair], scale: int) -> dict[str, float]:

@@ -1,17 +1,9 @@
 """FID: pytorch-fid's InceptionV3 pool3 features (2048-d) and the Frechet distance between two sets.
 
-The network is torchvision's ``Inception3(num_classes=1008, aux_logits=False)`` with the blocks patched
-as in TensorFlow's FID graph (pytorch-fid's ``FIDInceptionA/C/E_1/E_2``: average pools exclude padding,
-the last block max-pools), loaded strictly from ``pt_inception-2015-12-05-6726825d.pth`` (see
-:mod:`samdiffsr.evaluation.weights_files` for where it is looked for).
-
-Two input pipelines, the only difference between them (same network, same weights, same statistics):
-
-- ``mode="legacy_pytorch"`` (default; pytorch-fid): RGB in [0, 1], bilinear resize to 299x299
-  (``align_corners=False``), then ``2x - 1``.
-- ``mode="clean"`` (clean-fid; pyiqa's ``fid`` default, so what the SAM-DiffSR authors'
-  ``caculate_iqa.py`` reported): each channel as float 0..255 resized to 299x299 by PIL bicubic,
-  clipped to 0..255, then ``(x - 128) / 128``.
+The network is torchvision's Inception3 patched as TensorFlow's FID graph, loaded strictly from
+``pt_inception-2015-12-05-6726825d.pth``. Two input pipelines, the only difference between them:
+``mode="legacy_pytorch"`` (default; pytorch-fid) and ``mode="clean"`` (clean-fid, what the authors'
+pyiqa reported); see docs/evaluation.md, "Metric definitions".
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
-"""Full-reference image metrics for 4x SR, under two explicitly named protocols.
+"""Full-reference image metrics for 4x SR under two named protocols; every function takes ``sr`` first,
+``hr`` (the reference) second.
 
-Standard SR protocol (keys ``psnr_y``, ``ssim_y``): what BasicSR's ``calculate_psnr`` /
-``calculate_ssim`` with ``test_y_channel=True`` compute on uint8 images. Y is MATLAB's ``rgb2ycbcr``
-luma (ITU-R BT.601, limited range 16..235), NOT rounded, evaluated after cropping ``crop_border`` pixels
-(by convention the scale factor, 4) from every edge. SSIM is Wang et al.'s: 11x11 Gaussian window,
-sigma 1.5, valid filtering, C1 = (0.01*255)^2, C2 = (0.03*255)^2, on Y in 0..255 in float64. Identical
-images give ``psnr_y == inf`` (BasicSR returns ``float('inf')``; we keep it, so callers averaging over a
-set must decide how to treat it).
+- ``psnr_y`` / ``ssim_y``: BasicSR's (MATLAB Y in 16..235 NOT rounded, ``crop_border`` pixels cropped
+  from every edge; identical images give ``psnr_y == inf``).
+- ``psnr_y_paper`` / ``ssim_y_paper``: the SAM-DiffSR authors' pyiqa settings (no border crop; PSNR on Y
+  in [0, 1] with 80 dB for identical images; SSIM on Y ROUNDED to integers, contrast-structure clamped at 0).
 
-Paper protocol (keys ``psnr_y_paper``, ``ssim_y_paper``): what the SAM-DiffSR authors' ``caculate_iqa.py``
-computes with pyiqa, ``create_metric('psnr', test_y_channel=True, color_space='ycbcr')`` and
-``create_metric('ssim', color_space='ycbcr')``, on float32 images in [0, 1] and no border crop:
-
-- PSNR: Y = (65.481 R + 128.553 G + 24.966 B + 16) / 255 in [0, 1] (float32, not rounded),
-  ``10 log10(1 / (mse + 1e-8))``; identical images give 80 dB, not inf.
-- SSIM: Y scaled to 0..255 and ROUNDED to integers (pyiqa's ``preprocess_rgb`` does this "to match
-  MATLAB"), float64, Gaussian 11x11 sigma 1.5 window built in float64 and stored in float32, valid
-  filtering, the contrast-structure term clamped at 0 (``relu``). No downsampling: pyiqa computes the
-  MATLAB factor ``f = max(1, round(min(H, W) / 256))`` but only applies it when ``downsample=True``,
-  and the ``ssim`` default config sets ``downsample=False``.
-
-All functions take two RGB images of the same shape, ``sr`` first and ``hr`` (the reference) second.
+The exact definitions: docs/evaluation.md, "Metric definitions".
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """LPIPS (AlexNet, v0.1) from local weight files, equal to ``lpips.LPIPS(net='alex')``.
 
-The network: torchvision's ``alexnet().features`` up to the last ReLU, tapped after its 5 ReLUs
-(64, 192, 384, 256, 256 channels), each tap unit-normalised over channels (eps 1e-10), squared
-difference, a learned 1x1 conv (``lin0``..``lin4``, no bias), spatial mean, summed over taps. Inputs are
-first moved by LPIPS's scaling layer, (x - shift) / scale with shift (-.030, -.088, -.188) and scale
-(.458, .448, .450).
-
-Weights, two files (see :mod:`samdiffsr.evaluation.weights_files` for where they are looked for):
-
-- ``alexnet-owt-7be5be79.pth``: the torchvision ImageNet AlexNet (``features.*`` keys are used).
-- ``alex.pth``: the LPIPS v0.1 linear heads (``lin{k}.model.1.weight``), shipped inside the ``lpips`` pip
-  package at ``lpips/weights/v0.1/alex.pth``.
-
-pyiqa's single file ``LPIPS_v0.1_alex-df73285e.pth`` (backbone as ``net.slice*``, heads as ``lin*``)
-also works, passed alone. Passed files are recognised by their keys, not their names.
+Weights: ``alexnet-owt-7be5be79.pth`` (torchvision's AlexNet) and ``alex.pth`` (the LPIPS v0.1 heads, from
+the ``lpips`` pip package), or pyiqa's single ``LPIPS_v0.1_alex-df73285e.pth``; passed files are recognised
+by their keys, not their names (:mod:`samdiffsr.evaluation.weights_files` says where they are looked for).
+The network and its scaling layer: docs/evaluation.md, "Metric definitions".
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Where a benchmark sweep keeps its results, and how rank 0 gathers them (through files only).
 
-Layout under the output folder::
-
-    settings.json                        what the results depend on (a rerun with other settings is refused)
-    results/<ckpt>/<set>.part-R-of-W.jsonl   per-image lines appended by rank R (crash-safe resume)
-    results/<ckpt>/<set>.jsonl           all per-image lines, in set order (written by rank 0)
-    results/<ckpt>/<set>.json            the pair's summary: means, FID, step; its presence = pair done
-    features/<ckpt>/<set>/<key>.npy      FID features of each SR image (``hr`` for the references)
-
-Every rank appends one JSON line per image as soon as it is scored, so a killed sweep resumes image by
-image. Rank 0 gathers by reading the part files until every image of the pair is there (no collective
-communication, so ranks never wait for each other while sampling), then writes the pair's final files
-and removes the parts. A line counts only if it has every metric asked for, so asking for a new metric
-later recomputes what lacks it.
+Each rank appends one JSON line per scored image to its own part file; rank 0 reads the parts until every
+image of a (checkpoint, set) pair is there, then writes the pair's ordered lines and summary (whose
+presence means the pair is done) and removes the parts. The file layout: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from samdiffsr.io import atomic_write, atomic_write_text
 
 FID = "fid"
 HR_LABEL = "hr"  # the features folder of the reference images
@@ -47,9 +39,7 @@ def _safe(name: str) -> str:
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 class ResultStore:
@@ -144,9 +134,7 @@ class ResultStore:
     def save_features(self, ckpt: str, set_name: str, key: str, feats: np.ndarray) -> None:
         path = self.features_path(ckpt, set_name, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, feats)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: _save_npy(tmp, feats))
 
     def load_features(self, ckpt: str, set_name: str, keys: Sequence[str]) -> np.ndarray:
         return np.stack([np.load(self.features_path(ckpt, set_name, k)) for k in keys])
@@ -191,19 +179,21 @@ class ResultStore:
         seconds = [r["sr_seconds"] for r in lines if r.get("sr_seconds") is not None]
         summary = {"checkpoint": ckpt, "step": step, "set": set_name, "images": len(keys), "source": source,
                    "metrics": means, "sr_seconds_per_image": float(np.mean(seconds)) if seconds else None}
-        path = self.lines_path(ckpt, set_name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
-        os.replace(tmp, path)
+        atomic_write_text(self.lines_path(ckpt, set_name), "".join(json.dumps(r) + "\n" for r in lines))
         write_json(self.summary_path(ckpt, set_name), summary)
         for part in self._parts(ckpt, set_name):
             part.unlink(missing_ok=True)
         return summary
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # a file object: np.save would add ".npy" to a path's name
+        np.save(f, array)
+
+
 def fid_value(sr_feats: np.ndarray, hr_feats: np.ndarray) -> float:
     """FID between the SR and HR features of a set; NaN for sets of fewer than 2 images (undefined)."""
-    from .fid import fid_from_features
+    from samdiffsr.evaluation.fid import fid_from_features
 
     if len(sr_feats) < 2:
         return math.nan

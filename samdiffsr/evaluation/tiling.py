@@ -1,21 +1,10 @@
-"""Tiled, batched diffusion sampling: the model's sampler over many images and tiles at once.
+"""Tiled, batched diffusion sampling: the model's sampler loop over many images and tiles at once.
 
-Design (why it looks like this):
-
-- Tiles are blended at EVERY step, not at the end. The full-size state x_t of each image is kept (3
-  channels at HR: small); at each step the UNet predicts the noise for every tile, the tile predictions
-  are blended with a smooth window into one full-size prediction, and the DDPM / DDIM update is applied
-  to the whole image with full-size noise. Overlapping tiles therefore share one trajectory, so there are
-  no seams from independently sampled tiles. Peak activation memory is that of ``batch`` tiles, whatever
-  the image size; what grows with the image is the 3-channel state and the cached RRDB features (the
-  ones the UNet reads, ~1.5 KB per LR pixel in fp32, half in bf16).
-- The RRDB runs once per tile (not once per step), on the LR tile alone.
-- Tiles of the same shape, from any number of images, are stacked into batches of ``batch`` tiles: this is
-  also how whole images of the same size are batched (an untiled image is one tile).
-- Randomness: each image owns a generator; its x_T and per-step noise are drawn at the image's full size
-  in the order ``GaussianDiffusion.sample`` draws them. An image's result therefore does not depend on the
-  batch it was in, and with a single tile it equals ``model.sample`` on that image exactly.
-- Windows taper only towards neighbouring tiles and are exactly 1 elsewhere; a lone tile is used as is.
+The non-obvious rule: tiles are blended at EVERY step, not at the end. Each image keeps its full-size
+state x_t; per step the UNet predicts the noise of every tile, the predictions are blended with a smooth
+window into one full-size prediction, and the model's own update (`models.samplers.sample_loop`) runs on
+the whole image, so overlapping tiles share one trajectory. With a single tile an image's result equals
+``model.sample`` on it exactly. Design notes: docs/models.md.
 """
 
 from __future__ import annotations
@@ -23,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..config import ModelConfig
-from ..models.diffusion import GaussianDiffusion
-from ..models.samplers import Sampler
+from samdiffsr.config import ModelConfig
+from samdiffsr.models.diffusion import GaussianDiffusion
+from samdiffsr.models.samplers import NoisePredictor, gaussian_like, sample_loop
 
 # The UNet reads every third RRDB trunk feature (cond[2::3]); only those are cached (see _keep_used).
 _USED_FEATURE_START, _USED_FEATURE_STEP = 2, 3
@@ -159,6 +148,44 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+TileBatch = tuple[list[tuple[int, int]], list[torch.Tensor | None]]  # (image, tile)s, their RRDB features
+
+
+def _encode_tile_batches(model: GaussianDiffusion, grids: Sequence[TileGrid], lrs: Sequence[torch.Tensor],
+                         batch: int, device: torch.device, dtype: torch.dtype | None) -> list[TileBatch]:
+    """Stack tiles of equal shape (from any image) into batches of ``batch``, and encode their LR once."""
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for i, grid in enumerate(grids):
+        by_shape[grid.tile_lr].extend((i, k) for k in range(len(grid)))
+    tile_batches = []
+    for entries in by_shape.values():
+        for start in range(0, len(entries), batch):
+            part = entries[start:start + batch]
+            lr_tiles = torch.cat([grids[i].lr_crop(lrs[i], k) for i, k in part])
+            with _autocast(device, dtype):
+                _, feats = model.encode_lr(lr_tiles)
+            tile_batches.append((part, _keep_used(feats)))
+    return tile_batches
+
+
+def _blended_noise(model: GaussianDiffusion, grids: Sequence[TileGrid], tile_batches: list[TileBatch],
+                   device: torch.device, dtype: torch.dtype | None) -> NoisePredictor:
+    """The noise predictor for `sample_loop`: every tile through the UNet, blended into full-size images."""
+
+    def predict_eps(xs: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+        accs: list[torch.Tensor | None] = [None] * len(xs)
+        for part, cond in tile_batches:
+            x_in = torch.cat([grids[i].hr_crop(xs[i], k) for i, k in part])
+            with _autocast(device, dtype):
+                eps = model.predict_noise(x_in, t, cond)
+            eps = eps.to(x_in.dtype)
+            for j, (i, k) in enumerate(part):
+                accs[i] = grids[i].accumulate(accs[i], k, eps[j:j + 1])
+        return [grid.finish(acc) for grid, acc in zip(grids, accs, strict=True)]
+
+    return predict_eps
+
+
 @torch.no_grad()
 def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: Sequence[torch.Tensor],
                  generators: Sequence[torch.Generator], *, steps: int | None = None, eta: float = 0.0,
@@ -172,6 +199,7 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
     whole images); ``batch`` is the number of tiles per UNet call; ``dtype`` (bf16/fp16) runs the networks
     under autocast while the sampler state stays fp32. ``sampler``/``steps``/``eta`` as in
     `GaussianDiffusion.sample` (default: the full DDPM chain; ``steps`` < T alone: respaced DDIM).
+    Each image's x_T and step noise come from its own generator, so its result does not depend on the batch.
     """
     if not (len(lrs) == len(lr_ups) == len(generators)):
         raise ValueError("lrs, lr_ups and generators must have the same length")
@@ -180,43 +208,8 @@ def sample_tiled(model: GaussianDiffusion, lrs: Sequence[torch.Tensor], lr_ups: 
     scale, multiple = model.cfg.sr_scale, lr_multiple(model.cfg)
     device = lr_ups[0].device if lr_ups else torch.device("cpu")
     grids = [TileGrid(tuple(lr.shape[-2:]), tile, overlap, scale, multiple) for lr in lrs]
-
-    # Stack tiles of equal shape (from any image) into chunks, and encode their LR once.
-    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for i, grid in enumerate(grids):
-        by_shape[grid.tile_lr].extend((i, k) for k in range(len(grid)))
-    chunks = []
-    for entries in by_shape.values():
-        for start in range(0, len(entries), batch):
-            part = entries[start:start + batch]
-            lr_tiles = torch.cat([grids[i].lr_crop(lrs[i], k) for i, k in part])
-            with _autocast(device, dtype):
-                _, feats = model.encode_lr(lr_tiles)
-            chunks.append((part, _keep_used(feats)))
-
-    def randn(i: int) -> torch.Tensor:
-        gen = generators[i]
-        return torch.randn(lr_ups[i].shape, generator=gen, device=gen.device).to(device, lr_ups[i].dtype)
-
-    xs = [randn(i) for i in range(len(lrs))]
-    reverses = [Sampler(model, sampler, steps, eta) for _ in lrs]  # one reverse process per image
-    timesteps = reverses[0].timesteps if reverses else []
-    iterator: Iterable[tuple[int, int]] = enumerate(timesteps)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, total=len(timesteps), desc="sampling", leave=False)
-    for n, t in iterator:
-        accs: list[torch.Tensor | None] = [None] * len(xs)
-        for part, cond in chunks:
-            x_in = torch.cat([grids[i].hr_crop(xs[i], k) for i, k in part])
-            with _autocast(device, dtype):
-                eps = model.predict_noise(x_in, t, cond)
-            eps = eps.to(x_in.dtype)
-            for j, (i, k) in enumerate(part):
-                accs[i] = grids[i].accumulate(accs[i], k, eps[j:j + 1])
-        for i, grid in enumerate(grids):
-            # The model's own update steps, with noise drawn when and as its sampler draws it.
-            reverse = reverses[i]
-            xs[i] = reverse.step(xs[i], grid.finish(accs[i]), n, randn(i) if reverse.needs_noise(n) else None)
-    return [model.res2img(x, up) for x, up in zip(xs, lr_ups, strict=True)]
+    tile_batches = _encode_tile_batches(model, grids, lrs, batch, device, dtype)
+    x_T = [gaussian_like(up, gen) for up, gen in zip(lr_ups, generators, strict=True)]
+    predict_eps = _blended_noise(model, grids, tile_batches, device, dtype)
+    return sample_loop(model, x_T, lr_ups, generators, predict_eps, sampler=sampler, steps=steps, eta=eta,
+                       progress=progress)

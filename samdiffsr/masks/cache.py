@@ -17,13 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from samdiffsr.masks.rle import (
-    MaskFileError,
-    atomic_write_bytes,
-    dump_mask_json,
-    parse_mask_json,
-    records_to_masks,
-)
+from samdiffsr.io import atomic_write_bytes
+from samdiffsr.masks.rle import MaskFileError, dump_mask_json, parse_mask_json, records_to_masks
 
 
 class Masker(Protocol):

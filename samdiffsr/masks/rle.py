@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from samdiffsr.io import FileProblem
+from samdiffsr.io import FileProblem, atomic_write_bytes
 
 # A COCO RLE count is at most 6 chunks of 5 bits: pycocotools shifts an int by 5*k, overflowing beyond that.
 _MAX_CHUNKS = 6
@@ -123,22 +122,6 @@ def dump_mask_json(records: list[dict]) -> bytes:
 def write_mask_json(path: str | os.PathLike, records: list[dict]) -> None:
     """Write records as a mask JSON atomically: a crash leaves the old file or none, never half a file."""
     atomic_write_bytes(path, dump_mask_json(records))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _checked_rle(record: Any, path, index: int) -> dict:

@@ -3,24 +3,22 @@
 Residual mode: the diffusion runs on x0 = (HR - bicubic_up(LR)) * res_rescale, clipped to [-1, 1].
 Training (SAM-DiffSR): the SPE mask map m is added to the Gaussian noise, scaled per timestep,
     eps' = eps + m * sqrt(1 - abar_t) * beta_t,      x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps',
-and the UNet learns to predict eps'. Sampling is the plain DDPM reverse process: no mask at inference.
+and the UNet learns to predict eps'. Sampling (`samplers.py`) uses no mask: the plain reverse process.
 
 Buffer names follow the authors' code so their checkpoints load key for key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .rrdb import RRDBNet
-from .samplers import Sampler
-from .unet import Unet
+from samdiffsr.config import ModelConfig
+from samdiffsr.models.rrdb import RRDBNet
+from samdiffsr.models.samplers import gaussian_like, sample_loop
+from samdiffsr.models.unet import Unet
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> np.ndarray:
@@ -144,8 +142,12 @@ class GaussianDiffusion(nn.Module):
             return (target - pred).abs().mean()
         return F.mse_loss(pred, target)
 
-    # --- reverse process ----------------------------------------------------------------------
-    def _predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    # --- reverse process: what `samplers.Diffusion` names, used by the samplers ----------------
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The clean residual x0 implied by x_t and a noise prediction at timesteps ``t`` (B,), clipped to [-1, 1].
+
+        x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps: the estimate every update rule starts from.
+        """
         x0 = (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
               - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
         return x0.clamp(-1.0, 1.0)
@@ -153,7 +155,7 @@ class GaussianDiffusion(nn.Module):
     def ddpm_update(self, x: torch.Tensor, eps: torch.Tensor, t: int, noise: torch.Tensor | None) -> torch.Tensor:
         """One ancestral DDPM step x_t -> x_{t-1} given the predicted noise (posterior mean + variance)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, tt, eps)
+        x0 = self.predict_x0(x, tt, eps)
         mean = (_extract(self.posterior_mean_coef1, tt, x.ndim) * x0
                 + _extract(self.posterior_mean_coef2, tt, x.ndim) * x)
         if t == 0 or noise is None:
@@ -164,7 +166,7 @@ class GaussianDiffusion(nn.Module):
                     noise: torch.Tensor | None, eta: float) -> torch.Tensor:
         """One respaced DDIM step x_t -> x_{t_prev} (t_prev = -1: the final clean estimate)."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, tt, eps)
+        x0 = self.predict_x0(x, tt, eps)
         abar = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar)
         # Recompute eps from the clipped x0 so that the step stays consistent with the clipping.
@@ -174,6 +176,7 @@ class GaussianDiffusion(nn.Module):
         return out + sigma * noise if noise is not None else out
 
     def predict_noise(self, x: torch.Tensor, t: int, cond: list[torch.Tensor]) -> torch.Tensor:
+        """The UNet's noise prediction for the batch ``x`` at timestep ``t``, given the RRDB features ``cond``."""
         return self.denoise_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
 
     def timestep_schedule(self, steps: int | None) -> list[int]:
@@ -197,25 +200,12 @@ class GaussianDiffusion(nn.Module):
         from ``generator`` (noise is drawn on the generator's device then moved, so a CPU generator
         reproduces the same result on any device) or from ``noise``, the initial x_T.
         """
-        shape = img_lr_up.shape
-        device = img_lr_up.device
-
-        def randn() -> torch.Tensor:
-            gen_device = generator.device if generator is not None else device
-            return torch.randn(shape, generator=generator, device=gen_device).to(device, img_lr_up.dtype)
-
-        x = noise.to(device, img_lr_up.dtype).clone() if noise is not None else randn()
+        x = (noise.to(img_lr_up.device, img_lr_up.dtype).clone() if noise is not None
+             else gaussian_like(img_lr_up, generator))
         _, cond = self.encode_lr(img_lr)  # once per batch, not per step
-        reverse = Sampler(self, sampler, steps, eta)
-        iterator: Iterable[tuple[int, int]] = enumerate(reverse.timesteps)
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, total=len(reverse), desc="sampling", leave=False)
-        for i, t in iterator:
-            eps = self.predict_noise(x, t, cond)
-            x = reverse.step(x, eps, i, randn() if reverse.needs_noise(i) else None)
-        return self.res2img(x, img_lr_up)
+        [sr] = sample_loop(self, [x], [img_lr_up], [generator], lambda xs, t: [self.predict_noise(xs[0], t, cond)],
+                           sampler=sampler, steps=steps, eta=eta, progress=progress)
+        return sr
 
 
 def build_model(cfg: ModelConfig) -> GaussianDiffusion:

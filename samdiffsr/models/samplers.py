@@ -1,27 +1,46 @@
-"""Reverse-process samplers for the noise-predicting model: one loop shape, three update rules.
+"""The reverse process: the one sampler loop, its three update rules and its noise draws.
 
     ddpm      the paper's ancestral chain over all T steps (the default; bit-identical to the authors')
     ddim      respaced DDIM on ``steps`` evenly spaced timesteps (eta 0: deterministic, 1: ancestral)
-    dpmpp_2m  DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the same probability-
-              flow ODE that DDIM (eta 0) solves to first order, on the same timesteps and x0 clipping
+    dpmpp_2m  DPM-Solver++(2M), second order, on the same timesteps and x0 clipping as DDIM
 
-A :class:`Sampler` holds the state of ONE image's reverse process (a multistep solver remembers its last
-x0 estimate), so the caller owns the loop: for each timestep, call the network, then ``step``. Noise for a
-step is drawn by the caller, only when ``needs_noise(i)`` says so, which keeps the random stream of the
-default sampler exactly what it always was.
+`sample_loop` is the only loop: ``GaussianDiffusion.sample`` drives it with one network call per step,
+tiled sampling with blended tile predictions. The rule that keeps the random stream fixed: fresh noise is
+drawn (by `gaussian_like`) only when ``Sampler.needs_noise`` says so. See docs/models.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .diffusion import GaussianDiffusion
-
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+
+
+class Diffusion(Protocol):
+    """What the samplers use of a model (`models.diffusion.GaussianDiffusion` implements it)."""
+
+    num_timesteps: int
+    alphas_cumprod: torch.Tensor  # abar_t, float32, (T,)
+
+    def timestep_schedule(self, steps: int | None) -> list[int]: ...
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor: ...
+
+    def ddpm_update(self, x: torch.Tensor, eps: torch.Tensor, t: int,
+                    noise: torch.Tensor | None) -> torch.Tensor: ...
+
+    def ddim_update(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+                    noise: torch.Tensor | None, eta: float) -> torch.Tensor: ...
+
+    def res2img(self, res: torch.Tensor, img_lr_up: torch.Tensor) -> torch.Tensor: ...
+
+
+# predict_eps(xs, t): the network's noise prediction at timestep t for every state in xs, in order.
+NoisePredictor = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
 
 
 def resolve_sampler(name: str | None, steps: int | None, num_timesteps: int) -> str:
@@ -35,10 +54,23 @@ def resolve_sampler(name: str | None, steps: int | None, num_timesteps: int) -> 
     return name
 
 
-class Sampler:
-    """The reverse process of one image (or one batch sampled in lockstep) for ``model``."""
+def gaussian_like(ref: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``ref``, on its device and dtype.
 
-    def __init__(self, model: GaussianDiffusion, name: str | None = None, steps: int | None = None,
+    Drawn on the generator's device then moved, so a CPU generator gives the same numbers on any device.
+    """
+    gen_device = generator.device if generator is not None else ref.device
+    return torch.randn(ref.shape, generator=generator, device=gen_device).to(ref.device, ref.dtype)
+
+
+class Sampler:
+    """The reverse process of one image (or one batch sampled in lockstep) for ``model``.
+
+    It holds that process's state (a multistep solver remembers its last x0 estimate); the caller owns
+    the network call: for each timestep, predict the noise, then ``step``.
+    """
+
+    def __init__(self, model: Diffusion, name: str | None = None, steps: int | None = None,
                  eta: float = 0.0) -> None:
         self.model = model
         self.name = resolve_sampler(name, steps, model.num_timesteps)
@@ -77,7 +109,7 @@ class Sampler:
         """
         t, t_next = self.timesteps[i], self._prev(i)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self.model._predict_x0(x, tt, eps)
+        x0 = self.model.predict_x0(x, tt, eps)
         previous, self._previous_x0 = self._previous_x0, x0
         if t_next < 0:
             return x0
@@ -97,3 +129,28 @@ class Sampler:
     def _log_snr(self, t: int) -> float:
         abar = float(self.model.alphas_cumprod[t])
         return 0.5 * math.log(abar / (1.0 - abar))
+
+
+def sample_loop(model: Diffusion, x_T: Sequence[torch.Tensor], lr_ups: Sequence[torch.Tensor],
+                generators: Sequence[torch.Generator | None], predict_eps: NoisePredictor, *,
+                sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+                progress: bool = False) -> list[torch.Tensor]:
+    """Run one reverse process per state ``x_T[i]`` (the residual of ``lr_ups[i]``), all in lockstep.
+
+    Each step calls ``predict_eps`` once for all states, then updates each with its own `Sampler`; a
+    state's fresh noise is drawn from ``generators[i]`` like ``lr_ups[i]``. Returns the SR images
+    ``model.res2img(x_0[i], lr_ups[i])``.
+    """
+    xs = list(x_T)
+    reverses = [Sampler(model, sampler, steps, eta) for _ in xs]
+    timesteps = reverses[0].timesteps if reverses else []
+    iterator: Iterable[tuple[int, int]] = enumerate(timesteps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(timesteps), desc="sampling", leave=False)
+    for i, t in iterator:
+        eps = predict_eps(xs, t)
+        xs = [reverse.step(x, e, i, gaussian_like(up, gen) if reverse.needs_noise(i) else None)
+              for reverse, x, e, up, gen in zip(reverses, xs, eps, lr_ups, generators, strict=True)]
+    return [model.res2img(x, up) for x, up in zip(xs, lr_ups, strict=True)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import (
+from samdiffsr.models.blocks import (
     Block,
     Downsample,
     LinearAttention,

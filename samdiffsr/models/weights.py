@@ -20,8 +20,7 @@ from torch import nn
 
 from samdiffsr.cli import UserError
 from samdiffsr.io import atomic_torch_save, torch_load
-
-from .architecture import overrides_to_fit
+from samdiffsr.models.architecture import overrides_to_fit
 
 WEIGHTS_FORMAT = "samdiffsr-weights"
 

@@ -1,6 +1,6 @@
 """Exponential moving average of the trainable weights, in fp32, updated without host syncs.
 
-``update(weight)`` takes the interpolation weight as a device tensor: the engine passes
+``update(weight)`` takes the interpolation weight as a device tensor: the training step passes
 ``(1 - decay) * applied``, where ``applied`` is 0 when the optimizer step was skipped (non-finite loss,
 fp16 overflow). A skipped step then leaves the EMA untouched, and no ``.item()`` is needed to know it.
 """

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from samdiffsr.config import Config, save_config
-from samdiffsr.train.checkpoints import atomic_write_text
+from samdiffsr.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

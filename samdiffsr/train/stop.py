@@ -1,7 +1,7 @@
 """The stop request: a signal asks every rank to save a checkpoint at the next step boundary, then stop.
 
 The ranks do not save inside the signal handler (a DeepSpeed save is collective): the handler sets a flag,
-the engine polls it after every step and all-reduces it (see samdiffsr/train/engine.py). SIGTERM (``kill``,
+the training loop polls it after every step and all-reduces it (samdiffsr/train/loop.py). SIGTERM (``kill``,
 ``scancel``, preemption with a grace time, a launcher shutting its ranks down) and SIGUSR2 (Slurm's warning
 before the time limit, ``scancel --signal=USR2``) are caught this way under every launcher. The DataLoader
 workers ignore both (samdiffsr/data/stream.py), so a signal to the whole process group does not kill them
@@ -24,7 +24,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # stopped at a SIGTERM checkpoint, as a 
 
 
 class StopRequest:
-    """A flag set by signal handlers; the engine calls it after every step (``stop_requested``)."""
+    """A flag set by signal handlers; the training loop calls it after every step (``stop_requested``)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()

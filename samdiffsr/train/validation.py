@@ -16,16 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samdiffsr.data.stream import to_model_inputs
 from samdiffsr.evaluation.metrics import psnr_y, ssim_y
+from samdiffsr.models.inputs import to_model_inputs, to_uint8
 
 IMAGES_LOGGED = 2  # held-out images whose LR / bicubic / SR / HR go to TensorBoard
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """A 3 x H x W image in [-1, 1] -> H x W x 3 uint8 (the rounding every SR paper applies)."""
-    x = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def center_crop(batch: dict[str, Any], size: int, scale: int) -> dict[str, Any]:
@@ -44,7 +38,7 @@ def center_crop(batch: dict[str, Any], size: int, scale: int) -> dict[str, Any]:
 def validate(model: nn.Module, task: str, batches: list[dict[str, Any]], *, device: torch.device, scale: int,
              lr_up_divisor: float, seed: int, crop: int = 0, steps: int = 0,
              autocast_dtype: torch.dtype | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Mean metrics over ``batches`` (from `samdiffsr.data.val.load_val_images`) and a few images.
+    """Mean metrics over ``batches`` (from `samdiffsr.data.pairs.load_val_images`) and a few images.
 
     ``crop`` > 0 validates the central crop of each image; ``steps`` > 0 samples with that many respaced
     DDIM steps instead of the full DDPM chain (both keep validation cheap on small machines).

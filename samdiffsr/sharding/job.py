@@ -1,19 +1,9 @@
 """The make_shards job: an image folder -> WebDataset shards, in parallel, in parts, resumable.
 
-    python launcher/make_shards.py --images DIR --out DIR (--masks DIR | --sam-checkpoint PATH | --masker NAME)
-    python launcher/make_shards.py                      # demo shards from scikit-image photos
-
-Order and determinism: the image list is sorted by relative path, then (tile mode) shuffled with ``--seed``
-so sources mix across shards; ``--num-parts P --part i`` takes the i-th contiguous slice of that order.
-Within a part, images are processed in that order (workers run ahead, results are consumed in order), so
-the part's shards are a pure function of the image list and the settings: a resumed run rewrites exactly
-what an uninterrupted one would, never a sample twice or none. See :mod:`samdiffsr.data.manifest` for the
-journal, part manifests and the merged ``sizes.json`` / ``manifest.json`` / ``report.json``.
-
-Exit codes (:data:`EXIT_CODES`): 0 done, nothing skipped; 1 done, bad inputs skipped (listed in
-``report.json``); 2 bad command line or an output folder that holds another run; 3 not finished (stopped
-by ``--stop-after``, or ``--merge`` with parts missing); 4 failed (worker error): rerun to resume;
-130 interrupted: rerun to resume.
+The rule everything here keeps: a part's shards are a pure function of its image list and the settings
+(the list is sorted, shuffled by ``seed`` in tile mode, cut into contiguous parts; workers run ahead but
+results are consumed in order), so a resumed run writes exactly the shards an uninterrupted one would.
+Exit codes: :data:`samdiffsr.cli.EXIT_CODES`. The folder layout and the journal: docs/sharding.md.
 """
 
 from __future__ import annotations
@@ -31,9 +21,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from samdiffsr.cli import EXIT_CODES, UserError  # noqa: F401 - EXIT_CODES: re-exported
+from samdiffsr.cli import UserError
 from samdiffsr.images import find_images, is_approximate
-from samdiffsr.data.manifest import (
+from samdiffsr.io import writing
+from samdiffsr.sharding.manifest import (
     FORMAT,
     Journal,
     PartProgress,
@@ -42,11 +33,10 @@ from samdiffsr.data.manifest import (
     part_manifest,
     shard_pattern,
 )
-from samdiffsr.data.samples import ImageJob, MaskSource
-from samdiffsr.data.tarshards import TMP_SUFFIX, ShardSink
-from samdiffsr.data.tiles import TileSpec
-from samdiffsr.data.workers import ordered_results
-from samdiffsr.io import writing
+from samdiffsr.sharding.samples import ImageJob, MaskSource
+from samdiffsr.sharding.tarshards import TMP_SUFFIX, ShardSink
+from samdiffsr.sharding.tiles import TileSpec
+from samdiffsr.sharding.workers import ordered_results
 
 
 class ShardError(UserError, ValueError):
@@ -121,6 +111,23 @@ class ShardSummary:
                 f"{self.seconds:.1f} s{resumed}{state}")
 
 
+def print_summary(summary: ShardSummary, limit: int = 20) -> None:
+    """Print the summary line, the skipped files and where the report is."""
+    print(summary.line())
+    for entry in summary.skipped[:limit]:
+        print(f"  skipped {entry['file']}: {entry['reason']}")
+    for warning in summary.warnings[:limit]:
+        print(f"  warning {warning}")
+    if len(summary.warnings) > limit:
+        print(f"  ... and {len(summary.warnings) - limit} more warnings (report.json: converted)")
+    if len(summary.skipped) > limit:
+        print(f"  ... and {len(summary.skipped) - limit} more")
+    if summary.finished and summary.missing_parts:
+        print(f"  waiting for parts {summary.missing_parts[:20]} before merging the manifests")
+    elif summary.finished:
+        print(f"  report: {Path(summary.out) / 'report.json'}")
+
+
 def order_images(files: list[str], seed: int, benchmark: bool) -> list[str]:
     """Sorted relative paths, shuffled by ``seed`` in tile mode (``seed < 0`` or benchmark: sorted)."""
     files = sorted(files)
@@ -166,71 +173,100 @@ def _shared_json_targets(images: str, files: list[str], masks: MaskSource) -> di
     return bad
 
 
-def make_shards(s: ShardSettings) -> ShardSummary:
-    """Shard part ``s.part`` of ``s.images`` into ``s.out``; merge the manifests when all parts are done.
+@dataclass(frozen=True)
+class PartPlan:
+    """This part's images in processing order and what is known before any is read."""
 
-    A full disk raises ``OSError(ENOSPC)`` naming the file (a shard) or else the output folder.
-    """
-    with writing(s.out):
-        return _make_shards(s)
+    files: list[str]  # the part's slice of the ordered image list (paths relative to the image folder)
+    ignored: list[str]  # files under the image folder that are not images
+    content: dict[str, Any]  # ShardSettings.content_settings: compared on resume and across parts
+    pre_skipped: dict[int, dict[str, str]]  # part-relative index -> why it is skipped unread
 
 
-def _make_shards(s: ShardSettings) -> ShardSummary:
-    start = time.perf_counter()
-    if not 0 <= s.part < s.num_parts:
-        raise ShardError(f"--part must be in 0..{s.num_parts - 1}, got {s.part}")
-    files, ignored = find_images(s.images)
+def plan_part(settings: ShardSettings) -> PartPlan:
+    """Find, order and slice the images of part ``settings.part``; raises :class:`ShardError` if there are none."""
+    if not 0 <= settings.part < settings.num_parts:
+        raise ShardError(f"--part must be in 0..{settings.num_parts - 1}, got {settings.part}")
+    files, ignored = find_images(settings.images)
     if not files:
-        raise ShardError(f"no images ({', '.join(('png', 'jpg', 'bmp', 'tif', 'webp'))}) found under {s.images}")
-    ordered = order_images(files, s.seed, s.benchmark)
+        raise ShardError(f"no images ({', '.join(('png', 'jpg', 'bmp', 'tif', 'webp'))}) found under "
+                         f"{settings.images}")
+    ordered = order_images(files, settings.seed, settings.benchmark)
     image_sha = hashlib.sha1("\n".join(ordered).encode("utf-8")).hexdigest()
-    settings = s.content_settings(image_sha)
-    collisions = _shared_json_targets(s.images, ordered, s.masks)
-    span = part_slice(len(ordered), s.part, s.num_parts)
-    files = ordered[span]
-    pre_skipped = {i - span.start: e for i, e in collisions.items() if span.start <= i < span.stop}
-    out = Path(s.out)
+    collisions = _shared_json_targets(settings.images, ordered, settings.masks)
+    span = part_slice(len(ordered), settings.part, settings.num_parts)
+    return PartPlan(files=ordered[span], ignored=ignored, content=settings.content_settings(image_sha),
+                    pre_skipped={i - span.start: e for i, e in collisions.items() if span.start <= i < span.stop})
+
+
+def make_shards(settings: ShardSettings) -> ShardSummary:
+    """Shard part ``settings.part`` of ``settings.images`` into ``settings.out``; merge the manifests when all
+    parts are done.
+
+    A full disk raises ``OSError(ENOSPC)`` naming the file being written (a shard, a JSON file) or else the
+    output folder.
+    """
+    with writing(settings.out):
+        return _make_shards(settings)
+
+
+def _make_shards(settings: ShardSettings) -> ShardSummary:
+    start = time.perf_counter()
+    plan = plan_part(settings)
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    pattern = shard_pattern(s.name, s.part, s.num_parts)
-    journal = Journal(out, s.part, s.num_parts)
-    summary = ShardSummary(out=str(out), part=s.part, num_parts=s.num_parts, images=len(files))
+    journal = Journal(out, settings.part, settings.num_parts)
+    summary = ShardSummary(out=str(out), part=settings.part, num_parts=settings.num_parts, images=len(plan.files))
     journal.lock()
     try:
-        if s.overwrite:
-            _remove_part(out, journal, pattern)
-        check_compatible(out, settings)
-        done = journal.read_manifest()
-        if done is not None and done.get("settings") == settings and all(
-                (out / sh["name"]).is_file() for sh in done["shards"]):
-            summary.seconds = time.perf_counter() - start
-            return _finish(summary, done, out)
-        journal.manifest_path.unlink(missing_ok=True)
-        progress = journal.resume({"settings": settings, "part": s.part})
-        regex = _part_files_regex(pattern)
-        for path in out.iterdir():
-            if path.name.endswith(TMP_SUFFIX) and regex.fullmatch(path.name):
-                path.unlink()
-        summary.resumed_shards = len(progress.shards)
-        job = ImageJob(images_dir=str(s.images), files=tuple(files), spec=s.spec, masks=s.masks,
-                       benchmark=s.benchmark)
-        stopped = _write_part(s, job, journal, progress, pattern, pre_skipped)
-        summary.seconds = time.perf_counter() - start
-        if stopped:
-            _fill(summary, progress.images, progress.shards)
-            return summary
-        info = {"images_dir": str(Path(s.images).resolve()), "masks_dir": s.masks.masks_dir,
-                "sam_checkpoint": s.masks.sam_checkpoint, "workers": s.workers, "host": platform.node(),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        manifest = part_manifest(prefix=s.name, part=s.part, num_parts=s.num_parts, settings=settings,
-                                 info=info, progress=progress, found=len(files), ignored=ignored,
-                                 seconds=summary.seconds)
-        journal.write_manifest(manifest)
-        return _finish(summary, manifest, out)
+        return _run_part(settings, plan, journal, summary, start)
     finally:
         journal.unlock()
 
 
-def _write_part(s: ShardSettings, job: ImageJob, journal: Journal, progress: PartProgress, pattern: str,
+def _run_part(settings: ShardSettings, plan: PartPlan, journal: Journal, summary: ShardSummary,
+              start: float) -> ShardSummary:
+    """Under the part's lock: resume from the journal, write the rest, then the part manifest."""
+    out = Path(settings.out)
+    pattern = shard_pattern(settings.name, settings.part, settings.num_parts)
+    if settings.overwrite:
+        _remove_part(out, journal, pattern)
+    check_compatible(out, plan.content)
+    done = journal.read_manifest()
+    if done is not None and done.get("settings") == plan.content and all(
+            (out / shard["name"]).is_file() for shard in done["shards"]):
+        summary.seconds = time.perf_counter() - start
+        return _finish(summary, done, out)
+    journal.manifest_path.unlink(missing_ok=True)
+    progress = journal.resume({"settings": plan.content, "part": settings.part})
+    regex = _part_files_regex(pattern)
+    for path in out.iterdir():
+        if path.name.endswith(TMP_SUFFIX) and regex.fullmatch(path.name):
+            path.unlink()
+    summary.resumed_shards = len(progress.shards)
+    job = ImageJob(images_dir=str(settings.images), files=tuple(plan.files), spec=settings.spec,
+                   masks=settings.masks, benchmark=settings.benchmark)
+    stopped = _write_part(settings, job, journal, progress, pattern, plan.pre_skipped)
+    summary.seconds = time.perf_counter() - start
+    if stopped:
+        _fill(summary, progress.images, progress.shards)
+        return summary
+    manifest = part_manifest(prefix=settings.name, part=settings.part, num_parts=settings.num_parts,
+                             settings=plan.content, info=_run_info(settings), progress=progress,
+                             found=len(plan.files), ignored=plan.ignored, seconds=summary.seconds)
+    journal.write_manifest(manifest)
+    return _finish(summary, manifest, out)
+
+
+def _run_info(settings: ShardSettings) -> dict[str, Any]:
+    """Where and how the part was made (kept in its manifest, not compared on resume)."""
+    masks = settings.masks
+    return {"images_dir": str(Path(settings.images).resolve()), "masks_dir": masks.masks_dir,
+            "sam_checkpoint": masks.sam_checkpoint, "workers": settings.workers, "host": platform.node(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _write_part(settings: ShardSettings, job: ImageJob, journal: Journal, progress: PartProgress, pattern: str,
                 pre_skipped: dict[int, dict[str, str]]) -> bool:
     """Process the part's images from the journal's cursor on, in order; True if stopped by ``stop_after``.
 
@@ -239,15 +275,15 @@ def _write_part(s: ShardSettings, job: ImageJob, journal: Journal, progress: Par
     """
     files = job.files
     cursor = progress.cursor
-    sink = ShardSink(s.out, pattern, s.max_count, s.max_size, start=len(progress.shards),
+    sink = ShardSink(settings.out, pattern, settings.max_count, settings.max_size, start=len(progress.shards),
                      on_complete=lambda record: progress.shards.append(journal.add_shard(record)))
     todo = [i for i in range(cursor[0], len(files)) if i not in pre_skipped]
-    results = ordered_results(job, [(i, cursor[1] if i == cursor[0] else 0) for i in todo], s.workers)
-    bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {s.name}",
-               disable=not s.progress, dynamic_ncols=True, file=sys.stderr)
+    results = ordered_results(job, [(i, cursor[1] if i == cursor[0] else 0) for i in todo], settings.workers)
+    bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {settings.name}",
+               disable=not settings.progress, dynamic_ncols=True, file=sys.stderr)
     try:
         for processed, i in enumerate(range(cursor[0], len(files))):
-            if s.stop_after is not None and processed >= s.stop_after:
+            if settings.stop_after is not None and processed >= settings.stop_after:
                 sink.abort()
                 return True
             if i in pre_skipped:
@@ -263,7 +299,7 @@ def _write_part(s: ShardSettings, job: ImageJob, journal: Journal, progress: Par
             journal.append(record)
             progress.images.append(record)
             bar.update(1)
-            if record.get("error") and s.progress:
+            if record.get("error") and settings.progress:
                 bar.write(f"skipped {record['error']['file']}: {record['error']['reason']}")
         sink.close()
         return False
@@ -299,12 +335,3 @@ def _finish(summary: ShardSummary, manifest: dict[str, Any], out: Path) -> Shard
 def default_workers(masks: MaskSource) -> int:
     """One worker per core (at most 8), one for SAM (each worker holds its own model)."""
     return 1 if masks.kind == "sam" else max(1, min(8, os.cpu_count() or 1))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``make_shards`` command line (see ``--help``); returns the exit code."""
-    from samdiffsr.cli import run_cli
-    from samdiffsr.data import shardcli
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    return run_cli("make_shards", lambda: shardcli.run_cli(args))

@@ -1,4 +1,4 @@
-"""Run :class:`~samdiffsr.data.samples.SampleMaker` over images in worker processes, results in input order.
+"""Run :class:`~samdiffsr.sharding.samples.SampleMaker` over images in worker processes, results in input order.
 
 Each worker process builds its own masker once (a SAM model per process), then takes ``(index, skip)``
 tasks from a queue. The parent keeps at most ``2 * workers + 1`` images in flight and yields results in the
@@ -18,7 +18,7 @@ import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from samdiffsr.data.samples import ImageJob, ImageResult, SampleMaker
+from samdiffsr.sharding.samples import ImageJob, ImageResult, SampleMaker
 
 
 class WorkerError(RuntimeError):
@@ -89,35 +89,47 @@ def ordered_results(job: ImageJob, tasks: Iterable[tuple[int, int]], workers: in
         while order:
             want = order[0]
             while want not in ready:
-                try:
-                    message = result_q.get(timeout=1.0)
-                except queue.Empty:
-                    dead = [p for p in procs if not p.is_alive()]
-                    if dead:
-                        raise WorkerError(
-                            f"a sharding worker died (exit code {dead[0].exitcode}) while images "
-                            f"{', '.join(job.files[i] for i in order)} were in flight; rerun to resume"
-                        ) from None
-                    continue
-                if message[0] == "no_space":
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), message[2])
-                if message[0] == "fatal":
-                    raise WorkerError(f"failed on image {job.files[message[1]]}:\n{message[2]}")
-                ready[message[1].index] = message[1]
+                result = _receive(job, result_q, procs, order)
+                ready[result.index] = result
             order.popleft()
             yield ready.pop(want)
             submit()
         finished = True
     finally:
-        if finished:
-            for _ in procs:
-                task_q.put(None)
-            for proc in procs:
-                proc.join()
-        else:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join()
-        task_q.close()
-        result_q.close()
+        _stop(procs, task_q, result_q, finished)
+
+
+def _receive(job: ImageJob, result_q, procs: list, in_flight: deque[int]) -> ImageResult:
+    """The next result any worker sends; a worker that failed or died, or a full disk, raises instead."""
+    while True:
+        try:
+            message = result_q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise WorkerError(
+                    f"a sharding worker died (exit code {dead[0].exitcode}) while images "
+                    f"{', '.join(job.files[i] for i in in_flight)} were in flight; rerun to resume"
+                ) from None
+            continue
+        if message[0] == "no_space":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), message[2])
+        if message[0] == "fatal":
+            raise WorkerError(f"failed on image {job.files[message[1]]}:\n{message[2]}")
+        return message[1]
+
+
+def _stop(procs: list, task_q, result_q, finished: bool) -> None:
+    """Let the workers finish (all results taken) or terminate them (stopped early), then close the queues."""
+    if finished:
+        for _ in procs:
+            task_q.put(None)
+        for proc in procs:
+            proc.join()
+    else:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join()
+    task_q.close()
+    result_q.close()

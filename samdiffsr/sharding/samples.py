@@ -1,7 +1,7 @@
 """One image file -> its encoded shard samples (the per-image work a sharding worker does).
 
 An image is loaded (:mod:`samdiffsr.images`), its masks read or made (:mod:`samdiffsr.masks.cache`),
-then prepared and tiled (:mod:`samdiffsr.data.tiles`) and every tile encoded as the fields of
+then prepared and tiled (:mod:`samdiffsr.sharding.tiles`) and every tile encoded as the fields of
 :mod:`samdiffsr.data.reader`: ``hr.npy``, ``lr.npy``, ``seg.npy`` + ``segval.npy`` (absent without mask data)
 and ``json``. In benchmark mode the whole mod-cropped image is one sample.
 
@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from samdiffsr.images import ImageError, read_image
 from samdiffsr.data.reader import encode_mask
-from samdiffsr.data.tiles import TileSpec, iter_tiles, prepare_image
+from samdiffsr.images import ImageError, read_image
 from samdiffsr.masks.cache import load_or_make_masks
 from samdiffsr.masks.rle import MaskFileError
+from samdiffsr.sharding.tiles import TileSpec, iter_tiles, prepare_image
 
 MASKERS = ("sam", "felzenszwalb", "json", "none")
 

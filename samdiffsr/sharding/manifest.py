@@ -1,20 +1,8 @@
 """Bookkeeping of a sharding run: per-part progress journals (resume), part manifests, merged manifests.
 
-Layout of an output folder (one dataset per folder)::
-
-    <out>/<prefix>-000000.tar ...        shards (``<prefix>-p<part>-000000.tar`` when split into parts)
-    <out>/parts/part-<i>-of-<P>.jsonl    progress journal of part i (append-only, fsynced)
-    <out>/parts/part-<i>-of-<P>.json     part manifest, written when part i is complete
-    <out>/sizes.json                     {shard name: sample count}, all parts (written once all are complete)
-    <out>/manifest.json                  counts, shard list, the run's settings, per-part stats
-    <out>/report.json                    skipped files (file + reason), conversions, ignored files
-
-The journal's first line is the run's fingerprint (the settings that decide the shards' content, the part
-and a hash of its image list); then one line per image (in processing order: samples, masks, or the reason it
-was skipped) and one per completed shard (name, count, bytes, and the cursor ``[image, sample]`` after its last
-sample). A resumed run keeps the completed shards that are still on disk with the recorded size, continues
-right after the last one's cursor, and drops the image records from that image on (they are redone), so a
-resume writes exactly the shards an uninterrupted run would.
+The rule resume rests on: a resumed run keeps the completed shards still on disk at their recorded size,
+continues right after the last one's cursor ``[image, sample]`` and redoes the images from there, so it
+writes exactly the shards an uninterrupted run would. The folder layout and journal lines: docs/sharding.md.
 """
 
 from __future__ import annotations
@@ -26,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samdiffsr.data.tarshards import ShardRecord
+from samdiffsr.io import atomic_write_bytes
+from samdiffsr.sharding.tarshards import ShardRecord
 
 FORMAT = "samdiffsr-shards/1"
 PART_RE = re.compile(r"^part-(\d+)-of-(\d+)\.json$")
@@ -50,22 +39,6 @@ def shard_pattern(prefix: str, part: int, num_parts: int) -> str:
     if num_parts == 1:
         return f"{prefix}-%06d.tar"
     return f"{prefix}-p{part:0{part_width(num_parts)}d}-%06d.tar"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` beside ``path`` (normal permissions), fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _dump(data: Any) -> bytes:

@@ -1,0 +1,169 @@
+"""What one rank trains with: the network, its loss as the module DeepSpeed wraps, the optimizer, the
+DeepSpeed engine and its config, the per-rank generator and the EMA."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samdiffsr.config import Config, ConfigError, TrainConfig, deep_merge
+from samdiffsr.distributed import derive_seed
+from samdiffsr.models import build_model, load_rrdb_weights
+from samdiffsr.models.inputs import PRECISION_DTYPES
+from samdiffsr.train.ema import EMA
+from samdiffsr.train.nonfinite import GuardedUpdate
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs in under ``train.precision``; None for fp32 (no autocast)."""
+    return None if precision == "fp32" else PRECISION_DTYPES[precision]
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: derived from ``train`` / ``optim``, then the ``deepspeed:`` section over it.
+
+    ``deepspeed: path.json`` (stored as ``{"config_path": ...}``) reads a DeepSpeed JSON file first.
+    """
+    settings = cfg.train
+    if settings.batch_size % (settings.grad_accum * world_size):
+        raise ConfigError(f"config key 'train.batch_size': {settings.batch_size} is not divisible by "
+                          f"train.grad_accum x world size = {settings.grad_accum} x {world_size}")
+    derived: dict[str, Any] = {
+        "train_batch_size": settings.batch_size,
+        "train_micro_batch_size_per_gpu": settings.batch_size // (settings.grad_accum * world_size),
+        "gradient_accumulation_steps": settings.grad_accum,
+        # Always explicit: DeepSpeed's default became 1.0, the paper clips at 10 (0 disables clipping).
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": settings.zero_stage},
+        "wall_clock_breakdown": False,
+    }
+    if autocast_dtype(settings.precision) is not None:
+        derived["torch_autocast"] = {"enabled": True, "dtype": settings.precision}
+    user = dict(cfg.deepspeed)
+    path = user.pop("config_path", None)
+    if path:
+        try:
+            user = deep_merge(json.loads(Path(path).read_text()), user)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key 'deepspeed': cannot read DeepSpeed JSON {path}: {exc}") from exc
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError(f"config key 'deepspeed.{key}': the optimizer and its schedule come from the "
+                              "'optim' section (fused torch Adam, which the NaN-step skip relies on)")
+    for key in ("fp16", "bf16"):
+        if isinstance(user.get(key), dict) and user[key].get("enabled"):
+            raise ConfigError(f"config key 'deepspeed.{key}': use train.precision={key} instead (DeepSpeed's "
+                              f"native {key} casts the diffusion schedule buffers to {key})")
+    merged = deep_merge(derived, user)
+    micro, accum = merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]
+    if merged["train_batch_size"] != micro * accum * world_size:
+        raise ConfigError(f"config key 'deepspeed': train_batch_size {merged['train_batch_size']} != micro batch "
+                          f"{micro} x gradient_accumulation_steps {accum} x world size {world_size}")
+    return merged
+
+
+class TrainingObjective(nn.Module):
+    """The trained network with its loss as ``forward``, so that DeepSpeed's autocast covers it."""
+
+    def __init__(self, net: nn.Module, task: str) -> None:
+        super().__init__()
+        self.net, self.task = net, task
+
+    def forward(self, img_hr: torch.Tensor, img_lr: torch.Tensor, img_lr_up: torch.Tensor,
+                mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.task == "rrdb":  # RRDB pretraining: L1 of rrdb(LR) against HR
+            return F.l1_loss(self.net(img_lr).float(), img_hr)
+        return self.net.training_loss(img_hr, img_lr, img_lr_up, mask, generator=generator).float()
+
+
+def check_rrdb_weights(settings: TrainConfig) -> None:
+    """A frozen RRDB needs pretrained weights (``train.rrdb_ckpt``): a ConfigError otherwise."""
+    if settings.freeze_rrdb and not settings.rrdb_ckpt:
+        raise ConfigError("config key 'train.rrdb_ckpt': a frozen RRDB (train.freeze_rrdb=true) needs "
+                          "pretrained weights (run the rrdb task first, or give the authors' checkpoint)")
+
+
+def build_network(cfg: Config, load_rrdb: bool) -> nn.Module:
+    """The network to train: RRDBNet alone (task=rrdb) or the diffusion model with its RRDB.
+
+    A frozen RRDB is loaded from ``train.rrdb_ckpt`` on a fresh start; on resume the checkpoint holds it.
+    """
+    model = build_model(cfg.model)
+    settings = cfg.train
+    if settings.task == "rrdb":
+        return model.rrdb
+    if load_rrdb:
+        check_rrdb_weights(settings)
+        if settings.rrdb_ckpt:
+            load_rrdb_weights(model.rrdb, settings.rrdb_ckpt)  # strict; WeightsError names the file or key
+    if settings.freeze_rrdb:
+        model.rrdb.requires_grad_(False)  # excluded from the optimizer below
+    return model
+
+
+@dataclass
+class Trainer:
+    """One rank's training objects, from :func:`build_trainer` (the EMA once a checkpoint is loaded)."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    net: nn.Module  # RRDBNet (task=rrdb) or the diffusion model with its RRDB
+    engine: Any  # DeepSpeed's engine around TrainingObjective(net)
+    trainable: list[nn.Parameter]
+    update: GuardedUpdate  # the optimizer update, skipped after a non-finite loss; fp16's loss scale
+    generator: torch.Generator  # the diffusion's t / noise draws; per rank, saved with the checkpoint
+    micro: int  # micro-batch size per rank
+    accum: int  # micro-batches per optimizer step
+    ema: EMA | None = None
+
+
+def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device, load_rrdb: bool) -> Trainer:
+    """Network, fused Adam, step-decay schedule and DeepSpeed engine.
+
+    The same seed on every rank (and in any world size) gives the same initial weights, so a 2-rank run and
+    a 1-process run start from the same point.
+    """
+    import deepspeed
+
+    settings, optim = cfg.train, cfg.optim
+    torch.manual_seed(settings.seed)
+    net = build_network(cfg, load_rrdb=load_rrdb)
+    objective = TrainingObjective(net, settings.task).to(device)
+    if settings.compile:  # in place: parameter names (and so checkpoints) stay the same
+        (net if settings.task == "rrdb" else net.denoise_fn).compile()
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                                 fused=True)
+    # The paper's step decay, lr * gamma ** (step // decay_steps); DeepSpeed steps and checkpoints it.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: optim.decay_gamma ** (s // optim.decay_steps))
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    if settings.channels_last and settings.zero_stage == 0:
+        # Only now: DeepSpeed's initial broadcast views each parameter as bytes (default layout only), and
+        # under ZeRO 1/2 parameters are views into flat buffers that must stay so; the inputs go
+        # channels_last in any case, which is what selects the channels-last convolution kernels.
+        objective.to(memory_format=torch.channels_last)
+    generator = torch.Generator(device).manual_seed(derive_seed(settings.seed, rank, 1) >> 1)
+    return Trainer(cfg=cfg, rank=rank, world_size=world_size, device=device, net=net, engine=engine,
+                   trainable=trainable, update=GuardedUpdate(engine), generator=generator,
+                   micro=engine.train_micro_batch_size_per_gpu(), accum=engine.gradient_accumulation_steps())
+
+
+def build_ema(net: nn.Module, decay: float, saved: dict[str, torch.Tensor] | None) -> EMA | None:
+    """The EMA of the trainable weights (None when ``decay`` is 0), from ``saved`` when a checkpoint had one.
+
+    Built once a checkpoint is loaded: a fresh EMA starts from the loaded weights.
+    """
+    ema = EMA(net, decay) if decay > 0 else None
+    if ema is not None and saved:
+        ema.load_state_dict(saved)
+    return ema
