@@ -29,7 +29,7 @@ setup(
     extras_require={"dev": ["pytest>=7", "ruff>=0.5", "rotary-embedding-torch>=0.5.3,<0.6"]},
     entry_points={
         "console_scripts": [
-            "samdiffsr-make-shards=samdiffsr.sharding.cli:main",
+            "samdiffsr-make-shards=samdiffsr.demo.photos:make_shards_command",
             "samdiffsr-train=samdiffsr.train.engine:cli",
             "samdiffsr-submit=samdiffsr.cluster.slurm:main",
             "samdiffsr-benchmark=samdiffsr.evaluation.benchmark_cli:main",

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from results_file import cpu_name, write_section  # bench/results_file.py
 
-from samdiffsr.data.pairs import load_share
+from samdiffsr.data.pairs import centre_box, load_share
 from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver
 from samdiffsr.evaluation.metrics import psnr_y, ssim_y
 from samdiffsr.evaluation.sets import parse_set
 from samdiffsr.evaluation.tiling import lr_multiple
 from samdiffsr.models.loading import load_model
-from samdiffsr.train.validation import center_crop
 
 # (label, sampler, steps, eta): the paper's chain first (the baseline), then the fewer-step samplers.
 SAMPLERS = [("ddpm", "ddpm", None, 0.0), ("ddim", "ddim", 50, 0.0), ("ddim", "ddim", 25, 0.0),
@@ -39,16 +38,11 @@ SAMPLERS = [("ddpm", "ddpm", None, 0.0), ("ddim", "ddim", 50, 0.0), ("ddim", "dd
 
 
 def centre_crop(pair, size: int, scale: int):
-    """The central ``size`` x ``size`` HR region of a pair and its LR, cut as validation cuts it (0: whole).
-
-    `center_crop` takes a batch (C x H x W arrays, with a mask): the pair's arrays go in as transposed views,
-    its HR stands in for the mask it crops alongside, and the crops come back H x W x C.
-    """
+    """The central ``size`` x ``size`` HR region of a pair and its LR, cut as validation cuts it (0: whole)."""
     if size <= 0:
         return pair.hr, pair.lr
-    hr, lr = pair.hr.transpose(2, 0, 1), pair.lr.transpose(2, 0, 1)
-    out = center_crop({"hr": hr, "lr": lr, "mask": hr}, size, scale)
-    return out["hr"].transpose(1, 2, 0), out["lr"].transpose(1, 2, 0)
+    y, x, h, w = centre_box(*pair.hr.shape[:2], size, scale)
+    return pair.hr[y:y + h, x:x + w], pair.lr[y // scale:(y + h) // scale, x // scale:(x + w) // scale]
 
 
 def lpips_scorer(files: list[str] | None):

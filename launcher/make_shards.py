@@ -2,7 +2,7 @@
 
 import sys
 
-from samdiffsr.sharding.cli import main
+from samdiffsr.demo.photos import make_shards_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(make_shards_command())

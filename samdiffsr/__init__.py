@@ -13,11 +13,11 @@ The stable Python API (documented in README.md, "Python API"):
     for s in read_samples("shards/demo/train/train-{000000..000001}.tar"): ...
 """
 
-from .config import Config, ConfigError, load_config
-from .data.reader import read_samples
-from .imresize import imresize, imresize_torch
-from .masks.spe import spe_label_map, spe_map
-from .models import GaussianDiffusion, WeightsError, build_model, load_rrdb_weights, load_weights, save_weights
+from samdiffsr.config import Config, ConfigError, load_config
+from samdiffsr.data.reader import read_samples
+from samdiffsr.imresize import imresize, imresize_torch
+from samdiffsr.masks.spe import spe_label_map, spe_map
+from samdiffsr.models import GaussianDiffusion, WeightsError, build_model, load_rrdb_weights, load_weights, save_weights
 
 __all__ = [
     "Config",

@@ -303,9 +303,8 @@ def validate(cfg: Config) -> None:
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage': {t.zero_stage} is not one of 0, 1, 2")
     if d.patch_size % m.sr_scale:
-        raise ConfigError(
-            f"config key 'data.patch_size': {d.patch_size} is not a multiple of model.sr_scale={m.sr_scale}"
-        )
+        raise ConfigError(f"config key 'data.patch_size': {d.patch_size} is not a multiple of "
+                          f"model.sr_scale={m.sr_scale}")
     _check_ranges(cfg)
 
 
@@ -332,21 +331,19 @@ def _check_ranges(cfg: Config) -> None:
                        ("data.samples_per_epoch", d.samples_per_epoch), ("data.val_images", d.val_images),
                        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip)):
         _at_least(key, value, 0)
-    # The UNet is conditioned on RRDB trunk features 2, 5, 8, ...: fewer than 2 blocks leave it none
-    # (a zero-channel projection, see models/unet.py).
+    # Fewer than 2 blocks leave the UNet no RRDB feature (a zero-channel projection, see models/unet.py).
     _at_least("model.rrdb_num_block", m.rrdb_num_block, 2, " (the UNet takes every third RRDB feature from the 3rd)")
     if not m.dim_mults or min(m.dim_mults) < 1:
         raise ConfigError(f"config key 'model.dim_mults': must be a non-empty list of integers >= 1, "
                           f"got {list(m.dim_mults)}")
-    for key, value in (("optim.lr", o.lr), ("optim.decay_gamma", o.decay_gamma)):
+    for key, value in (("optim.lr", o.lr), ("optim.decay_gamma", o.decay_gamma),
+                       ("model.lr_up_divisor", m.lr_up_divisor)):
         if not value > 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {value:g}")
     for key, value in (("optim.betas[0]", o.betas[0]), ("optim.betas[1]", o.betas[1]),
                        ("train.ema_decay", t.ema_decay)):
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {value:g}")
-    if not m.lr_up_divisor > 0:
-        raise ConfigError(f"config key 'model.lr_up_divisor': must be > 0, got {m.lr_up_divisor:g}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -171,6 +171,16 @@ def test_infer_refuses_weights_with_nan(tmp_path, bad_files):
     assert not (tmp_path / "sr" / "a.png").exists()
 
 
+def test_infer_refuses_a_sampler_and_step_count_that_do_not_go_together(tmp_path, bad_files):
+    cfg = load_config(None, TINY)
+    path = tmp_path / "w.pt"
+    save_weights(path, build_model(cfg.model), step=1, config=cfg.to_dict())
+    proc = launch("infer", "--ckpt", str(path), "--img-dir", str(bad_files["lr"]), "--save-dir", str(tmp_path / "sr"),
+                  "--sampler", "ddpm", "--steps", "1")
+    assert_one_line(proc, f"infer: error: --sampler/--steps: the ddpm sampler runs all {cfg.model.timesteps} "
+                          "steps; use ddim or dpmpp_2m for 1")
+
+
 # --- demo -------------------------------------------------------------------------------------------------
 def test_demo_refuses_bad_settings_before_the_first_stage(tmp_path):
     proc = launch("demo", "--workdir", str(tmp_path / "runs"), "--shards", str(tmp_path / "shards"),

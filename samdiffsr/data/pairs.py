@@ -69,6 +69,13 @@ def crop_pair(hr: np.ndarray, lr: np.ndarray, scale: int, hr_multiple: int,
     return np.ascontiguousarray(hr[:h, :w]), np.ascontiguousarray(lr[: h // scale, : w // scale])
 
 
+def centre_box(height: int, width: int, size: int, scale: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central ``size`` x ``size`` HR region (at most), on the ``scale`` grid
+    so that the LR region is ``top // scale`` ... exactly."""
+    h, w = min(height, size) // scale * scale, min(width, size) // scale * scale
+    return (height - h) // 2 // scale * scale, (width - w) // 2 // scale * scale, h, w
+
+
 def hr_to_pair(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """Mod-crop an HR image to ``scale`` and make its LR with MATLAB bicubic, as make_shards does."""
     h, w = hr.shape[0] - hr.shape[0] % scale, hr.shape[1] - hr.shape[1] % scale

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from samdiffsr.cli import run_cli
 from samdiffsr.io import atomic_write_bytes
+from samdiffsr.sharding.cli import main as sharding_main
 from samdiffsr.sharding.job import ShardError, ShardSettings, default_workers, make_shards, print_summary
 from samdiffsr.sharding.manifest import StateError
 from samdiffsr.sharding.samples import MaskSource
 from samdiffsr.sharding.workers import WorkerError
 
-# retina (1411 x 1411) is left out: the classical masker needs ~7 s for it, more than all the others together.
 # Photos that ship inside the dependencies: scikit-image's data (and matplotlib's Grace Hopper). Training and
 # held-out photos are disjoint (skimage's "cat" is chelsea, so it is not used at all).
 DEMO_TRAIN = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "camera",
@@ -85,3 +86,12 @@ def run_demo(out: str | os.PathLike = "shards/demo", progress: bool = True) -> i
     print(f"demo: {images} images, {tiles} tiles, {shards} shards, "
           f"{time.perf_counter() - start:.1f} seconds -> {out}/train (tiles), {out}/val (whole images)")
     return max(codes)
+
+
+def make_shards_command(argv: list[str] | None = None) -> int:
+    """``make_shards``: with no arguments, build the demo shards; otherwise :func:`samdiffsr.sharding.cli.main`.
+
+    The no-argument default lives here, above the sharding package, so that sharding never imports the demo.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    return run_cli("make_shards", run_demo) if not args else sharding_main(args)

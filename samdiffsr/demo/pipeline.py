@@ -13,17 +13,12 @@ and does not recompute finished benchmark pairs.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from samdiffsr.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UserError, run_cli
-from samdiffsr.distributed import free_port
+from samdiffsr.train.launch import launch_training
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,36 +87,8 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def finished(config: str, overrides: list[str], run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that already reached the config's ``train.max_steps``."""
-    import json
-
-    from samdiffsr.config import load_config
-
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return summary.get("step", -1) >= load_config(config, overrides).train.max_steps and not summary.get("stopped")
-
-
-def launch_training(config: str, overrides: list[str], ranks: int, run_dir: Path) -> None:
-    """Run launcher/train.py under the DeepSpeed launcher with `ranks` data-parallel processes."""
-    overrides = [*overrides, f"train.run_dir={run_dir}"]
-    if finished(config, overrides, run_dir):
-        print(f"{run_dir}: already trained to train.max_steps, not launched again", flush=True)
-        return
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    gpus = torch.cuda.device_count()
-    if gpus == 0:
-        # CPU ranks: DeepSpeed's CPU accelerator + gloo; one thread per rank so the ranks don't fight.
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
-    else:
-        ranks = min(ranks, gpus)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), "--config", config, *overrides]
-    print("$ " + " ".join(cmd[2:]), flush=True)
-    if subprocess.run(cmd, env=env, cwd=REPO).returncode != 0:
+def launch(config: Path, overrides: list[str], ranks: int, run_dir: Path) -> None:
+    if launch_training(config, overrides, ranks, run_dir) != 0:
         raise DemoError(f"training with {config} failed (see the output above)")
 
 
@@ -143,12 +110,12 @@ def run_demo(settings: DemoSettings) -> Path:
 
     _banner("2/5 RRDB pretraining (the LR encoder), data-parallel")
     rrdb = [*data, *settings.stage_overrides(settings.rrdb_steps)]
-    launch_training(str(rrdb_config), rrdb, settings.ranks, rrdb_run)
+    launch(rrdb_config, rrdb, settings.ranks, rrdb_run)
 
     _banner("3/5 SAM-DiffSR: modulated-diffusion training on the frozen RRDB, data-parallel")
     rrdb_weights = rrdb_run / "weights" / "latest.pt"
     sr = [*data, f"train.rrdb_ckpt={rrdb_weights}", *settings.stage_overrides(settings.steps)]
-    launch_training(str(sr_config), sr, settings.ranks, sr_run)
+    launch(sr_config, sr, settings.ranks, sr_run)
 
     # The paper's 100-step chain on whole photos takes minutes per image on a CPU; the demo samples with
     # fewer network calls (benchmark.py without --sampler/--steps runs the full chain).
@@ -185,11 +152,7 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
     """The three rows and the verdict (also written to ``out/demo.md``), and the comparison picture."""
     from samdiffsr.config import load_config
     from samdiffsr.data.pairs import load_share
-    from samdiffsr.evaluation.sets import parse_set
-    from samdiffsr.evaluation.tiling import lr_multiple
-    from samdiffsr.images import read_image
-
-    from .report import (
+    from samdiffsr.demo.report import (
         best_checkpoint,
         checkpoint_scores,
         comparison_picture,
@@ -198,6 +161,9 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
         side_by_side,
         verdict,
     )
+    from samdiffsr.evaluation.sets import parse_set
+    from samdiffsr.evaluation.tiling import lr_multiple
+    from samdiffsr.images import read_image
 
     model = load_config(sr_run / "config.yaml").model
     scale = model.sr_scale

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from samdiffsr.cli import ArgumentParser, run_cli
-from samdiffsr.evaluation.inference import SamplerSettings, infer_folder
+from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver, infer_folder
 from samdiffsr.models.inputs import PRECISION_DTYPES
 from samdiffsr.models.loading import load_model
 from samdiffsr.models.samplers import SAMPLERS
@@ -66,6 +66,7 @@ def _infer_folder_cli(argv: Sequence[str] | None) -> int:
     settings = SamplerSettings(steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed,
                                tile=args.tile, overlap=args.overlap, precision=args.precision,
                                batch=args.batch, progress_steps=not args.quiet)
+    SuperResolver(loaded, settings)  # refuses settings that do not fit the model, before anything is printed
     info = loaded.info
     print(f"loaded {info['path']} ({info['layout']} layout, step {info.get('step')}, "
           f"{'EMA' if info.get('ema') else 'raw'} weights) on {next(loaded.model.parameters()).device}; "

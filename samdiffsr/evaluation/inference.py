@@ -27,6 +27,7 @@ from samdiffsr.io import atomic_write
 from samdiffsr.models.diffusion import GaussianDiffusion
 from samdiffsr.models.inputs import PRECISION_DTYPES, to_uint8
 from samdiffsr.models.loading import LoadedModel
+from samdiffsr.models.samplers import resolve_sampler
 
 
 class InferenceError(UserError, RuntimeError):
@@ -77,6 +78,10 @@ class SuperResolver:
             raise InferenceError("fp16 needs a GPU; use fp32 or bf16 on CPU")
         if self.settings.tile > 0 and not 0 <= self.settings.overlap < self.settings.tile:
             raise InferenceError(f"--overlap must be in [0, tile), got {self.settings.overlap}")
+        try:  # refused here, before any image is read, rather than mid-run with a traceback
+            resolve_sampler(self.settings.sampler, self.settings.steps, self.model.num_timesteps)
+        except ValueError as exc:
+            raise InferenceError(f"--sampler/--steps: {exc}") from None
 
     @property
     def model(self) -> GaussianDiffusion:

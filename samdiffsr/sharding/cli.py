@@ -1,6 +1,7 @@
 """Command line of ``make_shards``: argparse -> :func:`samdiffsr.sharding.job.make_shards`, or ``--merge``.
 
-With no arguments it builds the demo shards (:func:`samdiffsr.demo.photos.run_demo`).
+With no arguments the command builds the demo shards instead: the launcher and the console script enter
+through :func:`samdiffsr.demo.photos.make_shards_command`, which sits above this package.
 """
 
 from __future__ import annotations
@@ -215,11 +216,7 @@ def run_settings(settings: ShardSettings) -> int:
 
 
 def run(argv: list[str]) -> int:
-    """``make_shards ARGS``: shard, or merge with ``--merge``; no arguments: the demo. Returns the exit code."""
-    if not argv:
-        from samdiffsr.demo.photos import run_demo  # the demo sits above sharding: imported only when asked
-
-        return run_demo()
+    """``make_shards ARGS``: shard, or merge with ``--merge``. Returns the exit code."""
     try:
         args, settings = settings_from_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)

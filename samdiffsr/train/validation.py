@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samdiffsr.data.pairs import centre_box
 from samdiffsr.evaluation.metrics import psnr_y, ssim_y
 from samdiffsr.models.inputs import to_model_inputs, to_uint8
 
@@ -24,9 +25,7 @@ IMAGES_LOGGED = 2  # held-out images whose LR / bicubic / SR / HR go to TensorBo
 
 def center_crop(batch: dict[str, Any], size: int, scale: int) -> dict[str, Any]:
     """The central ``size`` x ``size`` HR region (at most; on the scale grid) of a validation batch."""
-    h, w = batch["hr"].shape[-2:]
-    ch, cw = min(h, size) // scale * scale, min(w, size) // scale * scale
-    y, x = (h - ch) // 2 // scale * scale, (w - cw) // 2 // scale * scale
+    y, x, ch, cw = centre_box(*batch["hr"].shape[-2:], size, scale)
     out = dict(batch)
     for key in ("hr", "mask"):
         out[key] = batch[key][..., y:y + ch, x:x + cw]
