@@ -31,7 +31,7 @@ setup(
         "console_scripts": [
             "samdiffsr-make-shards=samdiffsr.demo.photos:make_shards_command",
             "samdiffsr-train=samdiffsr.train.engine:cli",
-            "samdiffsr-submit=samdiffsr.cluster.slurm:main",
+            "samdiffsr-submit=samdiffsr.cluster.submit:main",
             "samdiffsr-benchmark=samdiffsr.evaluation.benchmark_cli:main",
             "samdiffsr-infer=samdiffsr.evaluation.infer_cli:main",
             "samdiffsr-demo=samdiffsr.demo:main",

@@ -3,7 +3,7 @@
     python launcher/submit.py --config configs/samdiffsr_df2k4x.yaml --nodes 2 --gpus-per-node 8
 """
 
-from samdiffsr.cluster.slurm import main
+from samdiffsr.cluster.submit import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

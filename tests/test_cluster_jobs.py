@@ -29,7 +29,7 @@ from train_helpers import TINY, write_shards
 
 from samdiffsr.cluster.jobs import TrainJob, slurm_distributed_env
 from samdiffsr.cluster.slurm import SlurmOptions
-from samdiffsr.cluster.slurm import main as submit_main
+from samdiffsr.cluster.submit import main as submit_main
 from samdiffsr.data.reader import read_samples
 from samdiffsr.evaluation.benchmark_cli import main as benchmark
 from samdiffsr.sharding.cli import main as make_shards
@@ -316,3 +316,30 @@ def test_bad_submissions_are_refused_before_queueing(capsys: pytest.CaptureFixtu
     assert "not divisible" in capsys.readouterr().err
     assert submit_main(["shards", "--parts", "2", "--images", "x"]) == 2
     assert "after '--'" in capsys.readouterr().err
+
+
+# --- ablations -------------------------------------------------------------------------------------------
+def test_submit_ablate_trains_every_arm_then_evaluates_them(slurm_cluster: SlurmCluster, train_shards: str,
+                                                           tmp_path: Path) -> None:
+    val, out = tmp_path / "val", tmp_path / "ablate"
+    val.mkdir()
+    for name in PHOTOS[:2]:
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((40, 40)).save(val / f"{name}.png")
+    args = ["ablate", "--config", str(REPO / "configs" / "demo.yaml"), *TINY, "train.freeze_rrdb=false",
+            "train.max_steps=4", "train.ckpt_every=2", f"data.train_shards={train_shards}", "--arm", "sam=",
+            "--arm", "plain=model.sam_modulation=false", "--sets", f"v={val}", "--sampler", "ddim", "--steps", "2",
+            "--out", str(out), "--cpus-per-task", "1", "--time", "10"]
+    done = subprocess.run([sys.executable, str(REPO / "launcher" / "submit.py"), *args], cwd=REPO,
+                          env=job_env(slurm_cluster), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    train_ids = re.findall(r"^\s+(\d+)  arm (\w+), seed 1234: ", done.stdout, re.M)
+    assert [arm for _, arm in train_ids] == ["sam", "plain"]
+    evaluate = re.search(r"and evaluation job (\d+) \(after all of them succeed\)", done.stdout).group(1)
+    wait_completed(slurm_cluster, evaluate, out / "slurm", timeout=600)
+    for job_id, arm in train_ids:
+        assert slurm_cluster.state(job_id) == "COMPLETED"
+        assert json.loads((out / "runs" / arm / "seed1234" / "summary.json").read_text())["step"] == 4
+    verdicts = submitit.SlurmJob(folder=out / "slurm", job_id=evaluate).result()
+    assert [v.split(":")[0] for v in verdicts] == ["plain vs sam, step 4, psnr_y", "plain vs sam, step 4, ssim_y"]
+    rows = (out / "ablation.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 and (out / "ablation.md").is_file()

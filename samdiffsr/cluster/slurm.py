@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,17 +26,18 @@ from typing import Any
 
 import submitit
 
-from samdiffsr.cli import ArgumentParser, UserError, run_cli
-from samdiffsr.cluster.jobs import BenchmarkJob, ShardsMerge, ShardsPart, TrainJob, run_rank
+from samdiffsr.cli import ArgumentParser, UserError
+from samdiffsr.cluster.jobs import BenchmarkJob, ShardsMerge, ShardsPart, TrainJob
 from samdiffsr.config import Config, ConfigError
 from samdiffsr.data.shardlist import expand_shards
 
-COMMANDS = ("train", "shards", "benchmark", "rank")
 DESCRIPTION = """\
 Submit SAM-DiffSR jobs to Slurm (through submitit; no ssh or pdsh needed). Commands:
   [train] --config C [key=value ...] [options]     training, one task (DeepSpeed rank) per GPU
   shards --parts P [options] -- MAKE_SHARDS_ARGS   make_shards as a P-task array, then a dependent merge job
   benchmark [options] -- BENCHMARK_ARGS            launcher/benchmark.py, the tasks share the images
+  ablate ABLATE_ARGS [options]                     launcher/ablate.py: a training job per arm x seed, then
+                                                   one evaluation job that depends on them
   rank --config C [key=value ...]                  one training rank inside an allocation (under srun)
 """
 EPILOG = """\
@@ -269,16 +269,3 @@ def submit_benchmark(argv: list[str]) -> int:
     print(*follow_lines(job, "task 0"), sep="\n")
     print("  resume      a preempted sweep requeues itself; finished (checkpoint, set) pairs are not redone")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``launcher/submit.py`` / ``samdiffsr-submit``: dispatch to a command (default: train).
-
-    A user error is one line and exit 2, before anything is queued (samdiffsr.cli).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    if command == "rank":
-        return run_cli("train", lambda: run_rank(argv))
-    run = {"train": submit_train, "shards": submit_shards, "benchmark": submit_benchmark}[command]
-    return run_cli("submit", lambda: run(argv))
