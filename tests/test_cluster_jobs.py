@@ -327,8 +327,8 @@ def test_submit_ablate_trains_every_arm_then_evaluates_them(slurm_cluster: Slurm
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((40, 40)).save(val / f"{name}.png")
     args = ["ablate", "--config", str(REPO / "configs" / "demo.yaml"), *TINY, "train.freeze_rrdb=false",
             "train.rrdb_ckpt=", "train.max_steps=4", "train.ckpt_every=2", f"data.train_shards={train_shards}",
-            "--arm", "sam=", "--arm", "plain=model.sam_modulation=false", "--sets", f"v={val}", "--sampler", "ddim", "--steps", "2",
-            "--out", str(out), "--cpus-per-task", "1", "--time", "10"]
+            "--arm", "sam=", "--arm", "plain=model.sam_modulation=false", "--sets", f"v={val}", "--sampler", "ddim",
+            "--steps", "2", "--out", str(out), "--cpus-per-task", "1", "--time", "10"]
     done = subprocess.run([sys.executable, str(REPO / "launcher" / "submit.py"), *args], cwd=REPO,
                           env=job_env(slurm_cluster), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
