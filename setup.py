@@ -5,7 +5,11 @@ setup(
     name="samdiffsr",
     version="0.1.0",
     description="SAM-DiffSR: structure-modulated diffusion for 4x super-resolution, trained at scale",
-    packages=find_packages(include=["samdiffsr", "samdiffsr.*"]),
+    # configs/*.yaml ship inside the package as samdiffsr/configs (samdiffsr.bundled finds them in a wheel and
+    # in a source checkout alike), so that every console script works from a plain wheel install.
+    packages=[*find_packages(include=["samdiffsr", "samdiffsr.*"]), "samdiffsr.configs"],
+    package_dir={"samdiffsr.configs": "configs"},
+    package_data={"samdiffsr.configs": ["*.yaml"]},
     python_requires=">=3.10",
     # Ranges, never exact pins: a cluster keeps its own CUDA build of torch. The versions CI tested are in the
     # README ("Tested versions"); the lower bounds are the oldest releases with the features used here.
@@ -35,6 +39,7 @@ setup(
             "samdiffsr-benchmark=samdiffsr.evaluation.benchmark_cli:main",
             "samdiffsr-infer=samdiffsr.evaluation.infer_cli:main",
             "samdiffsr-demo=samdiffsr.demo:main",
+            "samdiffsr-ablate=samdiffsr.ablation.cli:main",
         ]
     },
 )

@@ -141,7 +141,7 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, model: torch
     if device.type == "cpu":
         lines += ["On CPU batching gains little (the convolutions already use every core). On a GPU: "
                   "`python bench/sample.py --device cuda --lr-size 64 --batch 16 --precision bf16` "
-                  "(bench/gpu.sh).", ""]
+                  "(bench/gpu.sh sweeps checkpoints with the batched sampler: bench/sample_sweep.py).", ""]
     write_section(Path(args.write), "sample", "\n".join(lines[1:]))
     print(f"written to {args.write}")
 

@@ -2,6 +2,10 @@
 
 The stable Python API (documented in README.md, "Python API"):
 
+    from samdiffsr import SuperResolver
+    sr = SuperResolver.from_pretrained("runs/x/weights/latest.pt")   # or the authors' .ckpt (+ config=...)
+    out = sr.upscale(image)          # PIL image or H x W x 3 uint8 array -> (4H) x (4W) x 3 uint8 array
+
     from samdiffsr import load_config, build_model, load_weights
     cfg = load_config("configs/samdiffsr_df2k4x.yaml", ["model.lr_up_divisor=256"])
     model = build_model(cfg.model)
@@ -15,19 +19,26 @@ The stable Python API (documented in README.md, "Python API"):
 
 from samdiffsr.config import Config, ConfigError, load_config
 from samdiffsr.data.reader import read_samples
+from samdiffsr.evaluation.inference import InferenceError, SamplerSettings, SuperResolver
 from samdiffsr.imresize import imresize, imresize_torch
 from samdiffsr.masks.spe import spe_label_map, spe_map
 from samdiffsr.models import GaussianDiffusion, WeightsError, build_model, load_rrdb_weights, load_weights, save_weights
+from samdiffsr.models.loading import LoadedModel, load_model
 
 __all__ = [
     "Config",
     "ConfigError",
     "GaussianDiffusion",
+    "InferenceError",
+    "LoadedModel",
+    "SamplerSettings",
+    "SuperResolver",
     "WeightsError",
     "build_model",
     "imresize",
     "imresize_torch",
     "load_config",
+    "load_model",
     "load_rrdb_weights",
     "load_weights",
     "read_samples",

@@ -53,7 +53,6 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Where training / validation samples come from and how they are cropped."""
-
     train_shards: str = "shards/demo/train"  # a shard folder (with sizes.json), pattern or list
     val_shards: str = ""  # shard pattern or an HR image folder; empty: no validation
     val_images: int = 4  # held-out images used for validation
@@ -67,6 +66,7 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank
     samples_per_epoch: int = 0  # crops per rank per epoch; 0 = derived from the shard manifest (sizes.json)
     prefetch_factor: int = 4
+    cache_dir: str = ""  # node-local folder: each shard copied there on first use, read there after (data/cache.py)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from skimage import data as skdata
 from samdiffsr.config import load_config
 from samdiffsr.evaluation import metrics
 from samdiffsr.evaluation.benchmark_cli import main
-from samdiffsr.evaluation.fid import FIDFeatures
+from samdiffsr.evaluation.fid import FIDFeatures, random_fid_state
 from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver
 from samdiffsr.evaluation.perceptual import LPIPS
 from samdiffsr.evaluation.sweep import BenchmarkError, run_checkpoints
@@ -213,40 +213,119 @@ def test_missing_lpips_and_fid_weights_are_clear_errors(bench_inputs, tmp_path, 
     assert not (tmp_path / "o" / "results").exists()  # failed before any work
 
 
+def write_bicubic_sr(hr_dir: Path, sr_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Existing SR images: plain bicubic upsampling of each HR image's LR, saved as PNG; (sr, hr) pairs."""
+    sr_dir.mkdir()
+    pairs = []
+    for p in sorted(hr_dir.glob("*.png")):
+        hr = np.asarray(Image.open(p))
+        hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
+        sr = imresize(imresize(hr, 1 / 4), 4)
+        Image.fromarray(sr).save(sr_dir / p.name)
+        pairs.append((sr, hr))
+    return pairs
+
+
 @pytest.mark.slow  # FID's 2048-d sqrtm: tens of seconds on 2 cores
 def test_lpips_and_fid_from_weight_files_and_sr_dir_mode(bench_inputs, tmp_path):
     _, folder, _ = bench_inputs
     wdir = tmp_path / "weights"
     lpips_files = LPIPS.random_init(seed=1).export_weights(wdir)
     fid_file = FIDFeatures.random_init(seed=2).export_weights(wdir)
-    # existing SR images: plain bicubic upsampling saved as PNG, scored against the HR folder
-    sr_dir = tmp_path / "bicubic_sr"
-    sr_dir.mkdir()
-    pairs = []
-    for p in sorted(folder.glob("*.png")):
-        hr = np.asarray(Image.open(p))
-        hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
-        sr = imresize(imresize(hr, 1 / 4), 4)
-        Image.fromarray(sr).save(sr_dir / p.name)
-        pairs.append((sr, hr))
+    pairs = write_bicubic_sr(folder, tmp_path / "bicubic_sr")
     out = tmp_path / "out"
-    # FID's 2048-d matrix square root takes tens of seconds on 2 cores: one FID pair only (--no-bicubic)
-    rc = main(["--sr-dir", str(sr_dir), "--hr-dir", str(folder), "--out", str(out), "--quiet", "--no-bicubic",
+    # --sr-dir: one row, no bicubic row, so one FID pair only (its 2048-d matrix square root is the slow part)
+    rc = main(["--sr-dir", str(tmp_path / "bicubic_sr"), "--hr-dir", str(folder), "--out", str(out), "--quiet",
                "--metrics", "psnr_y,lpips_alex,fid", "--lpips-weights", *map(str, lpips_files),
                "--fid-weights", str(fid_file)])
     assert rc == 0
     rows = {s["checkpoint"]: s["metrics"] for s in json.loads((out / "results.json").read_text())["summary"]}
-    assert set(rows) == {"bicubic_sr"}
-    got = rows["bicubic_sr"]
+    assert set(rows) == {"sr_dir"}
+    got = rows["sr_dir"]
+    assert set(got) == {"psnr_y", "lpips_alex", "fid_clean"}  # fid: the default --fid-mode, clean (the paper's)
     lpips = LPIPS.random_init(seed=1)
     assert got["psnr_y"] == pytest.approx(np.mean([metrics.psnr_y(sr, hr, 4) for sr, hr in pairs]), rel=1e-9)
     assert got["lpips_alex"] == pytest.approx(np.mean([float(lpips(sr, hr)[0]) for sr, hr in pairs]), rel=1e-5)
-    assert np.isfinite(got["fid"]) and got["fid"] >= 0
-    feats = FIDFeatures.random_init(seed=2)
-    assert len(list((out / "features").rglob("*.npy"))) == 6  # SR and HR features of 3 images
-    hr_feat = np.load(next((out / "features" / "hr").rglob("astronaut.npy")))
-    np.testing.assert_allclose(hr_feat, feats([pairs[0][1]])[0], rtol=1e-6)
-    assert "lpips_alex" in (out / "results.md").read_text()
+    assert np.isfinite(got["fid_clean"]) and got["fid_clean"] >= 0
+    assert len(list((out / "features" / "fid_clean").rglob("*.npy"))) == 6  # SR and HR features of 3 images
+    hr_feat = np.load(next((out / "features" / "fid_clean" / "hr").rglob("astronaut.npy")))
+    np.testing.assert_allclose(hr_feat, FIDFeatures.random_init(seed=2, mode="clean")([pairs[0][1]])[0], rtol=1e-6)
+    md = (out / "results.md").read_text()
+    assert "lpips_alex" in md and "`fid_clean`: FID, clean-fid pipeline" in md
+
+
+def test_fid_legacy_mode_names_its_column_and_uses_the_pytorch_fid_pipeline(tmp_path):
+    hr_dir, sr_dir = tmp_path / "hr", tmp_path / "sr"
+    hr_dir.mkdir()
+    Image.fromarray(photo_hr("coffee", (40, 48))).save(hr_dir / "coffee.png")
+    (sr, hr), = write_bicubic_sr(hr_dir, sr_dir)
+    state = random_fid_state(seed=2)
+    fid_file = FIDFeatures(state).export_weights(tmp_path / "weights")
+    out = tmp_path / "out"
+    assert main(["--sr-dir", str(sr_dir), "--hr-dir", str(hr_dir), "--out", str(out), "--quiet",
+                 "--metrics", "psnr_y,fid", "--fid-mode", "legacy", "--fid-weights", str(fid_file)]) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert [set(s["metrics"]) for s in summary] == [{"psnr_y", "fid_legacy"}]
+    assert np.isnan(summary[0]["metrics"]["fid_legacy"])  # one image: FID is undefined, no sqrtm
+    md = (out / "results.md").read_text()
+    assert "Each cell: psnr_y / fid_legacy." in md and "`fid_legacy`: FID, pytorch-fid pipeline" in md
+    feat = np.load(out / "features" / "fid_legacy" / "hr" / "sr" / "coffee.npy")
+    legacy = FIDFeatures(state, mode="legacy_pytorch")([hr])[0]
+    clean = FIDFeatures(state, mode="clean")([hr])[0]
+    np.testing.assert_allclose(feat, legacy, rtol=1e-6)
+    assert not np.allclose(legacy, clean, rtol=1e-3)  # the two pipelines differ: the mode is not just a name
+
+
+def test_sr_dir_mode_scores_the_folder_alone_and_reports_only_its_settings(bench_inputs, tmp_path, capsys):
+    _, folder, _ = bench_inputs
+    pairs = write_bicubic_sr(folder, tmp_path / "my_method")
+    out = tmp_path / "out"
+    assert main(["--sr-dir", str(tmp_path / "my_method"), "--hr-dir", str(folder), "--out", str(out),
+                 "--metrics", "psnr_y,ssim_y", "--quiet", "--html-crops", "--crop-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert [(s["checkpoint"], s["set"]) for s in data["summary"]] == [("sr_dir", "my_method")]  # no bicubic row
+    assert data["summary"][0]["metrics"]["psnr_y"] == pytest.approx(
+        np.mean([metrics.psnr_y(sr, hr, 4) for sr, hr in pairs]), rel=1e-9)
+    assert data["settings"] == {"scale": 4, "hr_multiple": 1}  # no sampler, divisor or EMA settings
+    md = (out / "results.md").read_text()
+    assert "\nSettings: scale=4, hr_multiple=1\n" in md and md in printed and "bicubic" not in md
+    assert "| checkpoint | step | my_method |" in md and "| sr_dir |" in md
+    # the page's crops: SR and HR (the LR of existing SR images is unknown)
+    crops = out / "crops" / "my_method" / "chelsea"
+    assert sorted(p.name for p in crops.glob("*.thumb.png")) == ["hr.thumb.png", "row-sr_dir.thumb.png"]
+    assert 'src="crops/my_method/chelsea/row-sr_dir.thumb.png"' in (out / "results.html").read_text()
+
+    # NAME=PATH names the set; sampler options are refused, not silently ignored
+    assert main(["--sr-dir", f"Set5={tmp_path / 'my_method'}", "--hr-dir", str(folder), "--out",
+                 str(tmp_path / "named"), "--metrics", "psnr_y", "--quiet"]) == 0
+    assert json.loads((tmp_path / "named" / "results.json").read_text())["sets"] == ["Set5"]
+    capsys.readouterr()
+    assert main(["--sr-dir", str(tmp_path / "my_method"), "--hr-dir", str(folder), "--out", str(tmp_path / "x"),
+                 "--steps", "3", "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps, --seed do(es) not apply" in err
+
+
+def test_every_option_has_help_that_shows_its_default():
+    import argparse
+
+    from samdiffsr.evaluation.benchmark_cli import build_parser
+
+    parser = build_parser()
+    formatter = argparse.HelpFormatter("benchmark")
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        assert "(default: " in text, f"{action.option_strings or action.dest}: {text!r}"
+    assert parser.get_default("fid_mode") == "clean" and "fid" in parser.get_default("metrics").split(",")
+    from samdiffsr.evaluation.suite import MetricError, resolve_metrics
+
+    assert resolve_metrics(["psnr_y", "fid"]) == ["psnr_y", "fid_clean"]
+    assert resolve_metrics(["fid", "fid_legacy"], "legacy") == ["fid_legacy"]
+    with pytest.raises(MetricError, match="--metrics"):
+        resolve_metrics(["psnr", "fid"])
 
 
 @pytest.mark.slow  # a real training process (DeepSpeed on CPU), then the sweep

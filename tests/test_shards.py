@@ -16,7 +16,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from samdiffsr.data.reader import read_samples
+from samdiffsr.data.reader import decode_sample, field_array, read_samples
+from samdiffsr.data.tarread import read_shard
 from samdiffsr.demo.photos import run_demo
 from samdiffsr.images import load_image
 from samdiffsr.imresize import imresize
@@ -24,7 +25,8 @@ from samdiffsr.masks.classical import FelzenszwalbMasker
 from samdiffsr.masks.rle import masks_to_records, read_mask_json, write_mask_json
 from samdiffsr.masks.spe import spe_map
 from samdiffsr.sharding.cli import main
-from samdiffsr.sharding.samples import sample_key
+from samdiffsr.sharding.samples import ImageJob, MaskSource, SampleMaker, sample_key
+from samdiffsr.sharding.tiles import TileSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = {"astronaut.png": "astronaut", "chelsea.png": "chelsea", "rocket.png": "rocket",
@@ -326,3 +328,27 @@ def test_demo_builds_train_and_val(tmp_path, capsys):
     held_out = {digest[p.name] for p in (images / "val").glob("*.png")}
     assert len(held_out) == 2 and not held_out & {digest[p.name] for p in (images / "train").glob("*.png")}
     assert {s["meta"]["source"] for s in train}.isdisjoint({"chelsea.png", "coffee.png", "cat.png"})
+
+
+def test_shards_are_format_2_and_format_1_holds_the_same_content(photos, reference):
+    """The default encoding (zstd .npy.zst, uint8 labels under 256 masks) decodes to exactly what format 1
+    (plain .npy, the encoding of earlier shards) holds for the same image."""
+    out, masks = reference
+    raws = [raw for tar in sorted(out.glob("*.tar")) for raw in read_shard(str(tar))]
+    assert {tuple(sorted(k for k in raw if not k.startswith("__"))) for raw in raws} == \
+        {("hr.npy.zst", "json", "lr.npy.zst", "seg.npy.zst", "segval.npy")}
+    assert all(field_array(raw, "seg").dtype == np.uint8 for raw in raws)
+    written = {raw["__key__"]: decode_sample(raw) for raw in raws}
+    files = tuple(sorted(PHOTOS))
+    for encoding in ("npy", "zstd"):
+        job = ImageJob(images_dir=str(photos), files=files, spec=TileSpec(4, 128, 128, 64),
+                       masks=MaskSource("json", str(masks)), encoding=encoding)
+        samples = SampleMaker(job).process(files.index("rocket.png")).samples
+        assert samples and all(f.endswith(".npy") == (encoding == "npy") for s in samples for f in s
+                               if f[:2] in ("hr", "lr"))
+        for sample in samples:
+            got, want = decode_sample(sample), written[sample["__key__"]]
+            assert all(np.array_equal(got[k], want[k]) for k in ("hr", "lr", "mask")) and got["meta"] == want["meta"]
+    with pytest.raises(ValueError, match="unknown shard encoding 'png'"):
+        ImageJob(images_dir=str(photos), files=files, spec=TileSpec(), masks=MaskSource(), encoding="png")
+

@@ -337,3 +337,68 @@ def test_closing_an_epoch_ends_a_worker_stuck_in_a_read_that_ignores_sigterm(tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert out.splitlines() == ["live child processes: 0"], (out, err)
+
+
+# --- remote shards: pipe: commands and URLs, their sizes.json read the same way -----------------------
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """A real HTTP server (python's http.server) over ``folder``, in a thread; yields its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+REMOTE = {"pipe": lambda d, base: f"pipe:cat {d}/train-{{000000..000004}}.tar",
+          "file": lambda d, base: f"file://{d}/train-{{000000..000004}}.tar",
+          "http": lambda d, base: f"{base}/train-{{000000..000004}}.tar"}
+
+
+@pytest.mark.parametrize("kind", sorted(REMOTE))
+def test_remote_shard_specs_read_their_sizes_json_the_same_way_and_stream_like_local(uneven, kind):
+    folder = Path(uneven).parent
+    with http_server(folder) as base:
+        spec = REMOTE[kind](folder, base)
+        assert shard_sizes(expand_shards(spec)) == list(UNEVEN)
+        remote = TrainStream(make_cfg(spec, workers=1), batch_size=2, scale=SCALE, seed=3)
+        local = TrainStream(make_cfg(uneven, workers=1), batch_size=2, scale=SCALE, seed=3)
+        assert remote.epoch_batches == local.epoch_batches == sum(UNEVEN) // 2
+        got = batches(remote)
+    assert same(got, batches(local))
+
+
+def test_remote_shards_without_a_manifest_name_samples_per_epoch(tmp_path):
+    spec = write_shards(tmp_path, sizes=(3, 2))
+    (tmp_path / "sizes.json").unlink()
+    pipe = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
+    with pytest.raises(ConfigError, match=r"data\.samples_per_epoch") as err:
+        TrainStream(make_cfg(pipe), batch_size=1, scale=SCALE, seed=0)
+    assert "pipe:cat" in str(err.value) and "sizes.json" in str(err.value)
+    assert shard_sizes(expand_shards(spec)) == [3, 2]  # local shards are still counted from their headers
+    # with the epoch size given, no count is needed: the pipe streams, resampled shards drawn uniformly
+    for resampled in (False, True):
+        stream = TrainStream(make_cfg(pipe, samples_per_epoch=4, resampled=resampled), batch_size=2,
+                             scale=SCALE, seed=0)
+        got = batches(stream)
+        assert stream.epoch_batches == 2 and len(got) == 2 and got[0]["hr"].shape == (2, 3, 16, 16)
+
+
+def test_a_shard_the_remote_manifest_does_not_list_is_named(tmp_path):
+    write_shards(tmp_path, sizes=(3, 2))
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-000000.tar": 3}))
+    urls = expand_shards(f"file://{tmp_path}/train-{{000000..000001}}.tar")
+    with pytest.raises(ConfigError, match=r"train-000001\.tar is unknown .*does not list it.*samples_per_epoch"):
+        shard_sizes(urls)
+    assert shard_sizes(urls, required=False) == [3, None]

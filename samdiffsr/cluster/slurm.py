@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,7 +130,19 @@ def options_from_args(args: argparse.Namespace) -> SlurmOptions:
     return SlurmOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
+class NoSlurmError(UserError):
+    """There is no Slurm to submit to (no ``sbatch``), or it refused the submission."""
+
+
+def require_slurm() -> None:
+    """A one-line :class:`NoSlurmError` when ``sbatch`` is not on PATH (checked before anything is queued)."""
+    if shutil.which("sbatch") is None:
+        raise NoSlurmError("no Slurm found: sbatch is not on PATH (submit.py queues Slurm jobs; without Slurm, "
+                           "run the command directly: launcher/train.py, make_shards.py, benchmark.py, ablate.py)")
+
+
 def make_executor(opts: SlurmOptions, folder: Path, job_name: str, **extra: Any) -> submitit.SlurmExecutor:
+    require_slurm()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_requeues)
     executor.update_parameters(**{**opts.executor_parameters(job_name), **extra})
     return executor
@@ -204,6 +217,8 @@ def submit_train(argv: list[str]) -> int:
 
 def _split_dashes(argv: list[str], command: str) -> tuple[list[str], list[str]]:
     if "--" not in argv:
+        if "-h" in argv or "--help" in argv:
+            return argv, []  # the command's parser prints its help
         raise UserError(f"put the {command} arguments after '--' (submit.py {command} [options] -- ARGS)")
     i = argv.index("--")
     return argv[:i], argv[i + 1:]
@@ -214,8 +229,11 @@ def submit_shards(argv: list[str]) -> int:
 
     ours, rest = _split_dashes(argv, "shards")
     parser = ArgumentParser(prog="submit shards", allow_abbrev=False,
+                            usage="%(prog)s --parts P [options] -- MAKE_SHARDS_ARGS",
                             description="make_shards (launcher/make_shards.py) as a Slurm job array: task i "
-                            "writes part i of P, a dependent job merges the manifests.")
+                            "writes part i of P, a dependent job merges the manifests.",
+                            epilog="Everything after '--' is passed to make_shards (see launcher/make_shards.py "
+                            "--help), with --num-parts P --part i added.")
     parser.add_argument("--parts", type=int, required=True, help="array tasks = parts of the image list")
     add_slurm_arguments(parser, multi_task=False)
     args = parser.parse_args(ours)
@@ -252,8 +270,11 @@ def submit_benchmark(argv: list[str]) -> int:
 
     ours, rest = _split_dashes(argv, "benchmark")
     parser = ArgumentParser(prog="submit benchmark", allow_abbrev=False,
+                            usage="%(prog)s [options] -- BENCHMARK_ARGS",
                             description="launcher/benchmark.py as a Slurm job; its tasks share the images "
-                            "(SLURM_PROCID / SLURM_NTASKS), rank 0 writes the tables.")
+                            "(SLURM_PROCID / SLURM_NTASKS), rank 0 writes the tables.",
+                            epilog="Everything after '--' is passed to the benchmark (see launcher/benchmark.py "
+                            "--help).")
     add_slurm_arguments(parser)
     args = parser.parse_args(ours)
     bench = build_parser().parse_args(rest)

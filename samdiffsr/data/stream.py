@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from samdiffsr.cli import UserError
 from samdiffsr.config import ConfigError, DataConfig
 from samdiffsr.data.augment import CROP_DRAWS, CropSpec, aligned_crop, collate, fits
+from samdiffsr.data.cache import ShardCache
 from samdiffsr.data.reader import decode_sample
 from samdiffsr.data.shardlist import expand_shards, missing_shards, shard_sizes, slot_shards
 from samdiffsr.data.tarread import read_shard
@@ -66,7 +67,7 @@ class _StreamSettings:
     no open files)."""
 
     urls: tuple[str, ...]
-    sizes: tuple[int, ...]
+    sizes: tuple[int | None, ...]  # None: a remote shard sizes.json does not list
     spec: CropSpec
     batch_size: int
     crops_per_tile: int
@@ -76,6 +77,7 @@ class _StreamSettings:
     rank: int
     world_size: int
     epoch_batches: int
+    cache_dir: str = ""  # data.cache_dir: node-local shard copies (data/cache.py); empty: read the shards
 
 
 class DataError(UserError, RuntimeError):
@@ -97,11 +99,12 @@ class _DryGuard:
             yield url
 
 
-def _raw_samples(urls: Iterable[str], counts: np.ndarray) -> Iterator[dict[str, Any]]:
-    """Raw samples of consecutive shards; an unreadable or damaged shard ends early, counted."""
+def _raw_samples(urls: Iterable[str], counts: np.ndarray, cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of consecutive shards (from their node-local copies with a cache); an unreadable or damaged
+    shard ends early, counted."""
     for url in urls:
         try:
-            yield from read_shard(url)
+            yield from read_shard(cache.local(url) if cache else url, source=url)
         except Exception as exc:  # missing file, I/O error, truncated or garbled tar: never a crash
             counts[_READ] += 1
             log.warning("skipping unreadable shard data in %s: %s", url, _without_url(exc, url))
@@ -122,7 +125,7 @@ def _tiles(settings: _StreamSettings, key: tuple[int, ...], worker: int, workers
                          rank=settings.rank, world_size=settings.world_size, worker=worker, num_workers=workers,
                          resampled=settings.resampled)
     guard = _DryGuard(10 * len(settings.urls) + settings.shuffle_buffer + 100)
-    raw = _raw_samples(guard.watch(shards), counts)
+    raw = _raw_samples(guard.watch(shards), counts, ShardCache(settings.cache_dir) if settings.cache_dir else None)
     for sample in buffer_shuffle(raw, settings.shuffle_buffer, random.Random(derive_seed(*key, _SAMPLE_SHUFFLE))):
         try:
             tile = decode_sample(sample)
@@ -219,7 +222,7 @@ class TrainStream:
         if missing:  # listed (sizes.json, pattern) but absent: each read of it is also a counted read error
             log.warning("%d of %d shards are missing: %s%s", len(missing), len(urls), ", ".join(missing[:5]),
                         " ..." if len(missing) > 5 else "")
-        sizes = shard_sizes(urls)
+        sizes = shard_sizes(urls, required=data_cfg.samples_per_epoch <= 0)  # remote: see shardlist
         if data_cfg.samples_per_epoch > 0:
             per_rank = data_cfg.samples_per_epoch
         elif sum(sizes) == 0:
@@ -236,7 +239,7 @@ class TrainStream:
         spec = CropSpec(data_cfg.patch_size, scale, data_cfg.hflip, data_cfg.vflip, data_cfg.rot90)
         self._settings = _StreamSettings(tuple(urls), tuple(sizes), spec, batch_size, data_cfg.crops_per_tile,
                            data_cfg.shuffle_buffer, data_cfg.resampled, seed, rank, world_size,
-                           self.epoch_batches)
+                           self.epoch_batches, data_cfg.cache_dir)
 
     def iter_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches ``skip_batches .. epoch_batches - 1`` of ``epoch``, identical to an uninterrupted run."""

@@ -91,22 +91,24 @@ def iter_tar_files(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         extended, long_name = {}, None  # pax / long-name records describe the next member only
 
 
-def read_shard(url: str, bufsize: int = 1 << 20) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard (local path or any URL webdataset's ``gopen`` opens)."""
+def read_shard(url: str, bufsize: int = 1 << 20, source: str | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard (local path or any URL webdataset's ``gopen`` opens). ``source``: the name
+    used in ``__url__`` and in errors (the shard's own URL when ``url`` is a cached copy of it)."""
+    source = source or url
     local = "://" not in url and not url.startswith(("pipe:", "file:"))
     with open(url, "rb", buffering=bufsize) if local else gopen(url) as stream:
         current: dict[str, Any] | None = None
-        for name, data in _naming(url, iter_tar_files(stream)):
+        for name, data in _naming(source, iter_tar_files(stream)):
             key, ext = base_plus_ext(name)
             if key is None or name.rsplit("/", 1)[-1].startswith("__"):
                 continue
             if current is None or key != current["__key__"]:
                 if current is not None:
                     yield current
-                current = {"__key__": key, "__url__": url}
+                current = {"__key__": key, "__url__": source}
             ext = ext.lower()
             if ext in current:
-                raise TarFormatError(f"{url}: sample {key} holds {ext} twice")
+                raise TarFormatError(f"{source}: sample {key} holds {ext} twice")
             current[ext] = data
         if current is not None:
             yield current

@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from samdiffsr.bundled import shipped_config
 from samdiffsr.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UserError, run_cli
 from samdiffsr.train.launch import launch_training
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class DemoError(UserError):
@@ -53,7 +52,7 @@ class DemoSettings:
 
     def configs(self) -> tuple[Path, Path]:
         """The RRDB and diffusion config files of this mode."""
-        return REPO / "configs" / f"demo_rrdb{self.suffix}.yaml", REPO / "configs" / f"demo{self.suffix}.yaml"
+        return shipped_config(f"demo_rrdb{self.suffix}"), shipped_config(f"demo{self.suffix}")  # package data
 
     def run_dirs(self) -> tuple[Path, Path]:
         """The RRDB and diffusion run folders of this mode (apart, so that neither resumes the other)."""
@@ -186,19 +185,25 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="train longer (configs/demo*_long.yaml): under an "
-                        "hour on 2 CPU cores instead of about 12 minutes")
+                        "hour on 2 CPU cores instead of about 12 minutes (default: the short demo)")
     parser.add_argument("--workdir", default="runs", help="where the demo's runs go (default: runs/)")
-    parser.add_argument("--shards", default="shards/demo", help="where the demo shards go")
-    parser.add_argument("--ranks", type=int, default=2, help="data-parallel processes (GPUs, or CPU ranks)")
-    parser.add_argument("--rrdb-steps", type=int, default=None, help="RRDB pretraining steps (configs/demo_rrdb)")
-    parser.add_argument("--steps", type=int, default=None, help="diffusion training steps (configs/demo)")
-    parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint (and benchmark) interval")
-    parser.add_argument("--bench-sampler", default="ddim", help="sampler of the demo's benchmark "
-                        "(ddpm, ddim, dpmpp_2m; default ddim)")
-    parser.add_argument("--bench-steps", type=int, default=10, help="sampler steps in the demo's benchmark")
+    parser.add_argument("--shards", default="shards/demo", help="where the demo shards go (default: shards/demo)")
+    parser.add_argument("--ranks", type=int, default=2, help="data-parallel processes, GPUs or CPU ranks "
+                        "(default: 2)")
+    parser.add_argument("--rrdb-steps", type=int, default=None, help="RRDB pretraining steps (default: "
+                        "train.max_steps of configs/demo_rrdb.yaml, 800; --long 2000)")
+    parser.add_argument("--steps", type=int, default=None, help="diffusion training steps (default: "
+                        "train.max_steps of configs/demo.yaml, 900; --long 4500)")
+    parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint (and benchmark) interval "
+                        "(default: train.ckpt_every of the configs)")
+    parser.add_argument("--bench-sampler", default="ddim", help="sampler of the demo's benchmark: ddpm, ddim "
+                        "or dpmpp_2m (default: ddim)")
+    parser.add_argument("--bench-steps", type=int, default=10, help="sampler steps in the demo's benchmark "
+                        "(default: 10)")
     parser.add_argument("--bench-eta", type=float, default=1.0, help="DDIM eta of the benchmark sampler "
-                        "(default 1: respaced ancestral sampling)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
+                        "(default: 1, respaced ancestral sampling)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs "
+                        "(default: none)")
     return run_cli("demo", lambda: _run_demo_cli(parser.parse_args(argv)))
 
 

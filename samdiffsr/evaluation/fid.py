@@ -2,8 +2,9 @@
 
 The network is torchvision's Inception3 patched as TensorFlow's FID graph, loaded strictly from
 ``pt_inception-2015-12-05-6726825d.pth``. Two input pipelines, the only difference between them:
-``mode="legacy_pytorch"`` (default; pytorch-fid) and ``mode="clean"`` (clean-fid, what the authors'
-pyiqa reported); see docs/evaluation.md, "Metric definitions".
+``mode="legacy_pytorch"`` (this class's default; pytorch-fid) and ``mode="clean"`` (clean-fid: pyiqa's default,
+so what the authors' pyiqa reported, and the benchmark's default ``--fid-mode``); see docs/evaluation.md,
+"Metric definitions".
 """
 
 from __future__ import annotations
@@ -151,6 +152,15 @@ def random_fid_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_fid_state(weights: PathLike | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+    """The Inception state from a state dict, a file, a folder or the hub cache (``None``); a missing file
+    raises :class:`~samdiffsr.evaluation.weights_files.MissingWeightsError` naming it."""
+    if isinstance(weights, Mapping):
+        return weights
+    files, dirs = candidate_files(weights)
+    return load_state(find_named(FID_WEIGHTS, files, dirs))
+
+
 class FIDFeatures:
     """Extract FID features. ``weights``: ``None`` (hub cache), a folder, a file, or a state dict.
 
@@ -171,12 +181,7 @@ class FIDFeatures:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.mode = mode
-        if isinstance(weights, Mapping):
-            state = weights
-        else:
-            files, dirs = candidate_files(weights)
-            state = load_state(find_named(FID_WEIGHTS, files, dirs))
-        self.net = _build(state, self.device)
+        self.net = _build(load_fid_state(weights), self.device)
 
     @classmethod
     def random_init(

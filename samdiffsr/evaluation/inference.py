@@ -1,5 +1,6 @@
-"""Super-resolve uint8 LR images with a loaded model: :class:`SuperResolver` (waves of same-shape tiles) and
-:func:`infer_folder` (folder -> folder, resumable). The CLI is :mod:`samdiffsr.evaluation.infer_cli`.
+"""Super-resolve uint8 LR images with a loaded model: :class:`SuperResolver` (waves of same-shape tiles; the
+Python API is ``SuperResolver.from_pretrained(path).upscale(image)``) and :func:`infer_folder` (folder ->
+folder, resumable). The CLI is :mod:`samdiffsr.evaluation.infer_cli`.
 
 Each image has its own generator, seeded from the run seed and its name (:func:`image_seed`), so an output
 does not depend on the batch or on which images were already done. LR sizes the UNet cannot take are padded
@@ -18,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from samdiffsr.cli import UserError
 from samdiffsr.evaluation.tiling import TileGrid, lr_multiple, sample_tiled
@@ -26,8 +26,9 @@ from samdiffsr.images import ImageError, find_images, read_image
 from samdiffsr.io import atomic_write
 from samdiffsr.models.diffusion import GaussianDiffusion
 from samdiffsr.models.inputs import PRECISION_DTYPES, to_uint8
-from samdiffsr.models.loading import LoadedModel
+from samdiffsr.models.loading import LoadedModel, load_model
 from samdiffsr.models.samplers import resolve_sampler
+from samdiffsr.progress import progress_bar
 
 
 class InferenceError(UserError, RuntimeError):
@@ -140,6 +141,48 @@ class SuperResolver:
             srs = self.sample([items[i][1] for i in wave], [items[i][0] for i in wave])
             yield from zip([items[i][0] for i in wave], srs, strict=True)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, overrides: Sequence[str] = (),
+                        device: str | torch.device | None = None, *, prefer_ema: bool = True,
+                        lr_up_divisor: float | None = None, **settings: Any) -> SuperResolver:
+        """A resolver for a weights file: ours (``weights/latest.pt``, its own config) or the authors' ``.ckpt``.
+
+        ``config``: a YAML path or a shipped config's name (e.g. ``authors_samdiffsr_df2k4x``); default: the
+        config saved in the file, else the paper's model. ``settings`` are :class:`SamplerSettings` fields
+        (``steps``, ``sampler``, ``eta``, ``seed``, ``tile``, ``overlap``, ``batch``, ``precision``). The
+        bicubic divisor comes from the weights, as in the command lines (``lr_up_divisor`` overrides).
+        """
+        unknown = sorted(set(settings) - set(SamplerSettings.__dataclass_fields__))
+        if unknown:
+            raise InferenceError(f"unknown sampler setting(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(SamplerSettings.__dataclass_fields__)}")
+        loaded = load_model(path, config, overrides=overrides, device=device, prefer_ema=prefer_ema,
+                            lr_up_divisor=lr_up_divisor)
+        return cls(loaded, SamplerSettings(**settings))
+
+    def upscale(self, image: Any, key: str = "image") -> np.ndarray:
+        """The SR image (H*scale x W*scale x 3 uint8) of a PIL image or an H x W x 3 uint8 array.
+
+        ``key`` seeds the noise together with ``seed`` (the CLI uses the file name): the same image, key and
+        settings give the same output.
+        """
+        return self.sample([as_rgb_uint8(image)], [key])[0]
+
+
+def as_rgb_uint8(image: Any) -> np.ndarray:
+    """An H x W x 3 uint8 array from a PIL image (any mode) or an H x W x 3 (or H x W) uint8 array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise InferenceError(f"expected a PIL image or a uint8 array, got a {array.dtype} array "
+                             "(convert floats with (x * 255).round().clip(0, 255).astype(np.uint8))")
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise InferenceError(f"expected an H x W x 3 RGB array, got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
 
 def save_png(path: Path, img: np.ndarray) -> None:
     """Write an RGB uint8 PNG atomically (a crash never leaves a half-written output that counts as done)."""
@@ -176,7 +219,7 @@ def infer_folder(loaded: LoadedModel, img_dir: str | Path, save_dir: str | Path,
     todo = [n for n in todo if n in sizes]
     resolver = SuperResolver(loaded, settings)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="super-resolving", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="super-resolving", unit="img", disable=not progress)
     done = 0
     for wave in resolver.plan_waves([sizes[n] for n in todo]):
         items = []

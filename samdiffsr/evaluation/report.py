@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from samdiffsr.evaluation.results import is_fid
+
 # How each metric is shown, and whether higher is better (for the reader of the table).
 METRIC_INFO = {
     "psnr_y": ("PSNR-Y (dB), BasicSR protocol, border = scale", 2, True),
@@ -16,36 +18,38 @@ METRIC_INFO = {
     "psnr_y_paper": ("PSNR-Y (dB), paper protocol (pyiqa, no border crop)", 2, True),
     "ssim_y_paper": ("SSIM, paper protocol (pyiqa ycbcr, no border crop)", 4, True),
     "lpips_alex": ("LPIPS (AlexNet v0.1)", 4, False),
-    "fid": ("FID (pytorch-fid InceptionV3, per set)", 2, False),
+    "fid_clean": ("FID, clean-fid pipeline (pyiqa's default, as the paper; InceptionV3, per set)", 2, False),
+    "fid_legacy": ("FID, pytorch-fid pipeline (InceptionV3, per set)", 2, False),
 }
 
 
-# SAM-DiffSR's reported 4x results (their 400k-step checkpoint; pyiqa PSNR-Y / SSIM, no border crop), by set.
+# SAM-DiffSR's reported 4x results (their 400k-step checkpoint; pyiqa PSNR-Y / SSIM, no border crop, and pyiqa's
+# FID, whose default is the clean-fid pipeline: github.com/lose4578/SAM-DiffSR README, "Result"), by set.
 PAPER_REPORTED = {
-    "set5": (30.99, 0.8731), "set14": (27.14, 0.7484), "urban100": (25.54, 0.7721),
-    "bsds100": (26.47, 0.7003), "manga109": (29.43, 0.8899), "general100": (30.30, 0.8353),
-    "div2kvalid": (29.34, 0.8109),
+    "set5": (30.99, 0.8731, 48.20), "set14": (27.14, 0.7484, 49.84), "urban100": (25.54, 0.7721, 4.5276),
+    "bsds100": (26.47, 0.7003, 60.81), "manga109": (29.43, 0.8899, 2.3994), "general100": (30.30, 0.8353, 38.42),
+    "div2kvalid": (29.34, 0.8109, 0.3809),
 }
 _PAPER_ALIASES = {"b100": "bsds100", "bsd100": "bsds100", "div2k": "div2kvalid", "div2kval": "div2kvalid"}
 
 
 def paper_reported(set_name: str) -> dict[str, float]:
-    """The paper's psnr_y_paper / ssim_y_paper for a set named like one of theirs (else empty)."""
+    """The paper's psnr_y_paper / ssim_y_paper / fid_clean for a set named like one of theirs (else empty)."""
     key = "".join(c for c in set_name.lower() if c.isalnum())
     key = _PAPER_ALIASES.get(key, key)
     if key not in PAPER_REPORTED:
         return {}
-    psnr, ssim = PAPER_REPORTED[key]
-    return {"psnr_y_paper": psnr, "ssim_y_paper": ssim}
+    psnr, ssim, fid = PAPER_REPORTED[key]
+    return {"psnr_y_paper": psnr, "ssim_y_paper": ssim, "fid_clean": fid}
 
 
-def _fmt(metric: str, value: float | None) -> str:
+def fmt(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{METRIC_INFO.get(metric, ('', 4, True))[1]}f}"
 
 
-def _row_order(summaries: Sequence[dict[str, Any]]) -> list[str]:
+def row_order(summaries: Sequence[dict[str, Any]]) -> list[str]:
     """Checkpoint labels: the bicubic baseline first, then by training step, then by name."""
     first: dict[str, dict[str, Any]] = {}
     for s in summaries:
@@ -71,7 +75,7 @@ def write_tables(out: Path, summaries: Sequence[dict[str, Any]], per_image: Sequ
         for s in summaries:
             for m in metrics:
                 w.writerow([s["checkpoint"], s.get("step"), s["set"], m, s["metrics"].get(m), s["images"]])
-    per_image_metrics = [m for m in metrics if m != "fid"]
+    per_image_metrics = [m for m in metrics if not is_fid(m)]
     with paths["per_image_csv"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["checkpoint", "step", "set", "image", *per_image_metrics, "sr_seconds"])
@@ -88,11 +92,14 @@ def markdown_table(summaries: Sequence[dict[str, Any]], sets: Sequence[str], met
                    settings: dict[str, Any]) -> str:
     """Rows: checkpoints; columns: sets; each cell the metrics joined by ' / ' (as the paper's README)."""
     cell = {(s["checkpoint"], s["set"]): s for s in summaries}
-    rows = _row_order(summaries)
+    rows = row_order(summaries)
     head = " / ".join(metrics)
-    lines = ["# Benchmark results", "",
-             f"Each cell: {head}. Rows: checkpoints (`bicubic` = MATLAB-bicubic upsampling of the same LR, "
-             "the baseline a trained model must beat).", "",
+    rows_note = "Rows: checkpoints"
+    if any(s.get("source") == "bicubic" for s in summaries):
+        rows_note += " (`bicubic` = MATLAB-bicubic upsampling of the same LR, the baseline a trained model must beat)"
+    if any(s.get("source") == "folder" for s in summaries):
+        rows_note = "Rows: existing SR images (`--sr-dir`), scored against their HR images"
+    lines = ["# Benchmark results", "", f"Each cell: {head}. {rows_note}.", "",
              "| checkpoint | step | " + " | ".join(sets) + " |",
              "|---|---:|" + "---:|" * len(sets)]
     for label in rows:
@@ -100,11 +107,11 @@ def markdown_table(summaries: Sequence[dict[str, Any]], sets: Sequence[str], met
         vals = []
         for set_name in sets:
             s = cell.get((label, set_name))
-            vals.append(" / ".join(_fmt(m, s["metrics"].get(m)) for m in metrics) if s else "-")
+            vals.append(" / ".join(fmt(m, s["metrics"].get(m)) for m in metrics) if s else "-")
         lines.append(f"| {label} | {'' if step is None else step} | " + " | ".join(vals) + " |")
     paper = {name: paper_reported(name) for name in sets}
     if any(paper[name] and any(m in paper[name] for m in metrics) for name in sets):
-        vals = [" / ".join(_fmt(m, paper[name].get(m)) for m in metrics) for name in sets]
+        vals = [" / ".join(fmt(m, paper[name].get(m)) for m in metrics) for name in sets]
         lines.append("| paper, reported (400k) | 400000 | " + " | ".join(vals) + " |")
         lines += ["", "`paper, reported`: the SAM-DiffSR paper's own table (their released checkpoint, paper protocol "
                   "only), for comparison; not measured here."]

@@ -20,8 +20,16 @@ import numpy as np
 
 from samdiffsr.io import atomic_write, atomic_write_text
 
-FID = "fid"
+FID = "fid"  # in --metrics: FID in the sweep's --fid-mode (the column is then fid_clean or fid_legacy)
+# FID columns and FIDFeatures' input pipeline for each; clean is pyiqa's default, so the paper's (docs/evaluation.md).
+FID_METRICS = {"fid_clean": "clean", "fid_legacy": "legacy_pytorch"}
+FID_MODES = {"clean": "fid_clean", "legacy": "fid_legacy"}  # --fid-mode -> column
 HR_LABEL = "hr"  # the features folder of the reference images
+
+
+def is_fid(metric: str) -> bool:
+    """Whether a metric is a per-set FID (no per-image value; features on disk instead)."""
+    return metric in FID_METRICS
 
 
 class SettingsMismatch(ValueError):
@@ -76,8 +84,9 @@ class ResultStore:
     def _parts(self, ckpt: str, set_name: str) -> list[Path]:
         return sorted((self.root / _safe(ckpt)).glob(f"{_safe(set_name)}.part-*.jsonl"))
 
-    def features_path(self, ckpt: str, set_name: str, key: str) -> Path:
-        return self.out / "features" / _safe(ckpt) / _safe(set_name) / f"{_safe(key)}.npy"
+    def features_path(self, ckpt: str, set_name: str, key: str, metric: str) -> Path:
+        """An image's FID features for one FID column (the two pipelines give different features)."""
+        return self.out / "features" / metric / _safe(ckpt) / _safe(set_name) / f"{_safe(key)}.npy"
 
     def summary(self, ckpt: str, set_name: str) -> dict[str, Any] | None:
         path = self.summary_path(ckpt, set_name)
@@ -114,9 +123,9 @@ class ResultStore:
         if rec is None:
             return False
         have = rec.get("metrics", {})
-        if any(m not in have for m in metrics if m != FID):
+        if any(m not in have for m in metrics if not is_fid(m)):
             return False
-        return FID not in metrics or self.features_path(ckpt, set_name, rec["key"]).is_file()
+        return all(self.features_path(ckpt, set_name, rec["key"], m).is_file() for m in metrics if is_fid(m))
 
     def append(self, ckpt: str, set_name: str, rank: int, world: int, rec: dict[str, Any]) -> None:
         """Append one image's line to this rank's part file (flushed: it survives a kill)."""
@@ -131,13 +140,13 @@ class ResultStore:
             f.write((("\n" if torn else "") + json.dumps(rec) + "\n").encode())
             f.flush()
 
-    def save_features(self, ckpt: str, set_name: str, key: str, feats: np.ndarray) -> None:
-        path = self.features_path(ckpt, set_name, key)
+    def save_features(self, ckpt: str, set_name: str, key: str, metric: str, feats: np.ndarray) -> None:
+        path = self.features_path(ckpt, set_name, key, metric)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: _save_npy(tmp, feats))
 
-    def load_features(self, ckpt: str, set_name: str, keys: Sequence[str]) -> np.ndarray:
-        return np.stack([np.load(self.features_path(ckpt, set_name, k)) for k in keys])
+    def load_features(self, ckpt: str, set_name: str, keys: Sequence[str], metric: str) -> np.ndarray:
+        return np.stack([np.load(self.features_path(ckpt, set_name, k, metric)) for k in keys])
 
     # --- gathering (rank 0) -----------------------------------------------------------------------
     def wait_complete(self, ckpt: str, set_name: str, keys: Sequence[str], metrics: Sequence[str],
@@ -169,13 +178,12 @@ class ResultStore:
         lines = [recs[k] for k in keys]
         means = {}
         for m in metrics:
-            if m == FID:
+            if is_fid(m):
+                means[m] = fid_value(self.load_features(ckpt, set_name, keys, m),
+                                     self.load_features(HR_LABEL, set_name, keys, m))
                 continue
             vals = [float(r["metrics"][m]) for r in lines]
             means[m] = float(np.mean(vals)) if vals else math.nan
-        if FID in metrics:
-            means[FID] = fid_value(self.load_features(ckpt, set_name, keys),
-                                   self.load_features(HR_LABEL, set_name, keys))
         seconds = [r["sr_seconds"] for r in lines if r.get("sr_seconds") is not None]
         summary = {"checkpoint": ckpt, "step": step, "set": set_name, "images": len(keys), "source": source,
                    "metrics": means, "sr_seconds_per_image": float(np.mean(seconds)) if seconds else None}

@@ -19,18 +19,20 @@ import numpy as np
 
 from samdiffsr.cli import UserError
 from samdiffsr.config import Config
-from samdiffsr.data.pairs import Pair, SetSource, load_share
-from samdiffsr.evaluation import metrics as pixel
+from samdiffsr.data.pairs import Pair, SetSource, folder_keys, load_share
+from samdiffsr.data.shardlist import expand_shards
+from samdiffsr.data.tarread import read_shard
+from samdiffsr.evaluation.crops import save_crops
 from samdiffsr.evaluation.inference import SamplerSettings, SuperResolver, save_png
-from samdiffsr.evaluation.results import FID, HR_LABEL, ResultStore
+from samdiffsr.evaluation.results import ResultStore
 from samdiffsr.evaluation.sets import find_sr_file, match_sr, names
+from samdiffsr.evaluation.suite import DEFAULT_FID_MODE, MetricSuite
 from samdiffsr.evaluation.tiling import lr_multiple
 from samdiffsr.images import read_image
 from samdiffsr.imresize import imresize
 from samdiffsr.models.loading import LoadedModel, default_device, load_model
+from samdiffsr.progress import progress_bar
 
-LPIPS_ALEX = "lpips_alex"
-ALL_METRICS = (*pixel.PIXEL_METRICS, LPIPS_ALEX, FID)
 STEP_FILE = re.compile(r"^step(\d+)\.pt$")
 
 
@@ -96,47 +98,6 @@ def weight_rows(paths: Sequence[str]) -> list[SweepRow]:
     return out
 
 
-# ---------------------------------------------------------------------------------------- metrics
-
-
-class MetricSuite:
-    """The requested metrics; LPIPS / FID networks are built up front so a missing file fails first."""
-
-    def __init__(self, names_: Sequence[str], scale: int, *, lpips_weights: Any = None, fid_weights: Any = None,
-                 device: Any = "cpu"):
-        unknown = [m for m in names_ if m not in ALL_METRICS]
-        if unknown:
-            raise BenchmarkError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}")
-        self.names = list(dict.fromkeys(names_))
-        self.scale = scale
-        self.lpips = self.fid = None
-        if LPIPS_ALEX in self.names:
-            from samdiffsr.evaluation.perceptual import LPIPS
-
-            self.lpips = LPIPS(lpips_weights, device=device)
-        if FID in self.names:
-            from samdiffsr.evaluation.fid import FIDFeatures
-
-            self.fid = FIDFeatures(fid_weights, device=device)
-
-    def score(self, sr: np.ndarray, hr: np.ndarray) -> dict[str, float]:
-        """Per-image metrics (all but FID) of a uint8 SR against its uint8 HR."""
-        out: dict[str, float] = {}
-        fns = {pixel.PSNR_Y: lambda: pixel.psnr_y(sr, hr, self.scale),
-               pixel.SSIM_Y: lambda: pixel.ssim_y(sr, hr, self.scale),
-               pixel.PSNR_Y_PAPER: lambda: pixel.psnr_y_paper(sr, hr),
-               pixel.SSIM_Y_PAPER: lambda: pixel.ssim_y_paper(sr, hr)}
-        for m in self.names:
-            if m in fns:
-                out[m] = float(fns[m]())
-            elif m == LPIPS_ALEX:
-                out[m] = float(self.lpips(sr, hr)[0])
-        return out
-
-    def features(self, img: np.ndarray) -> np.ndarray:
-        return self.fid([img])[0]
-
-
 # ----------------------------------------------------------------------------------------- sweep
 
 
@@ -158,6 +119,8 @@ class SweepSpec:
     fid_weights: Any = None
     device: str | None = None
     save_images: bool = False
+    crop_size: int = 0  # > 0: write the HTML report's crops of this side (crops.py)
+    fid_mode: str = DEFAULT_FID_MODE
     sr_dir: str | None = None
     rank: int = 0
     world: int = 1
@@ -209,18 +172,48 @@ def _settings(spec: SweepSpec) -> dict[str, Any]:
     """What the numbers depend on (stored with the results; batch and device are not in it)."""
     scale = spec.config.model.sr_scale
     # Crop as the authors' test loader does: HR to a multiple of scale x the UNet's LR multiple (8).
-    hr_multiple = 1 if spec.sr_dir else scale * lr_multiple(spec.config.model)
+    if spec.sr_dir:  # existing SR images: no model, sampler or divisor is involved
+        return {"scale": scale, "hr_multiple": 1}
+    hr_multiple = scale * lr_multiple(spec.config.model)
     return {"scale": scale, "hr_multiple": hr_multiple, "lr_up_divisor": spec.lr_up_divisor,
             "ema": spec.prefer_ema, **(spec.sampler.identity() if spec.sampler else {})}
 
 
+def set_keys(src: SetSource) -> list[str]:
+    """A set's image keys in order, without decoding its images (folder names, or the shards' headers)."""
+    if src.kind == "folder":
+        return [key for key, _ in folder_keys(src.path)]
+    return [raw["__key__"] for url in expand_shards(src.path) for raw in read_shard(url)]
+
+
+def sweep_extent(spec: SweepSpec, store: ResultStore, metrics: Sequence[str]) -> tuple[int, int]:
+    """(total, done) images of this rank's whole sweep: rows x sets x its share of each set's images.
+
+    ``done``: those already scored (a rerun continues); the progress bar's ETA is on the rest. A set that
+    cannot be listed counts 0 here: loading it (:func:`load_share`) reports the problem.
+    """
+    total = done = 0
+    for src in spec.sets:
+        try:
+            keys = set_keys(src)[spec.rank::spec.world]
+        except Exception:  # noqa: BLE001 - the set's own error comes, worded, from load_share
+            continue
+        for row in spec.rows:
+            total += len(keys)
+            if store.is_done(row.label, src.name, metrics):
+                done += len(keys)
+                continue
+            have = store.records(row.label, src.name)
+            done += sum(store.complete(have.get(k), row.label, src.name, metrics) for k in keys)
+    return total, done
+
+
 def _score_share(spec: SweepSpec, store: ResultStore, suite: MetricSuite, settings: dict[str, Any]) -> dict:
     """Score this rank's images of every unfinished (row, set) pair; returns every set's keys in order."""
-    from tqdm import tqdm
-
     scale = settings["scale"]
     producer = SRProducer(spec)
-    bar = tqdm(total=0, desc="benchmark", unit="img", disable=not spec.progress)
+    total, done = sweep_extent(spec, store, suite.names) if spec.progress else (0, 0)
+    bar = progress_bar(total=total, initial=done, desc="benchmark", unit="img", disable=not spec.progress)
     keys_of: dict[str, list[str]] = {}
     for src in spec.sets:
         keys, mine = load_share(src, scale, settings["hr_multiple"], spec.rank, spec.world)
@@ -232,8 +225,7 @@ def _score_share(spec: SweepSpec, store: ResultStore, suite: MetricSuite, settin
             todo = [p for p in mine if not store.complete(have.get(p.key), row.label, src.name, suite.names)]
             if not todo:
                 continue
-            bar.total += len(todo)
-            bar.set_description(f"{row.label} / {src.name}")
+            bar.set_description(f"benchmark {row.label} / {src.name}")
             for p, sr, secs, step in producer.run(row, todo):
                 where = f"{row.label}/{src.name}/{p.key}"
                 hr = match_sr(sr, p.hr, max(8, 2 * scale), where) if row.source == "folder" else p.hr
@@ -241,10 +233,10 @@ def _score_share(spec: SweepSpec, store: ResultStore, suite: MetricSuite, settin
                     scores = suite.score(sr, hr)
                 except ValueError as exc:
                     raise BenchmarkError(f"{where}: cannot score ({exc})") from exc
-                if suite.fid is not None:
-                    if not store.features_path(HR_LABEL, src.name, p.key).is_file():
-                        store.save_features(HR_LABEL, src.name, p.key, suite.features(hr))
-                    store.save_features(row.label, src.name, p.key, suite.features(sr))
+                suite.save_features(store, row.label, src.name, p.key, sr, hr)
+                if spec.crop_size:
+                    lr = None if row.source == "folder" else p.lr
+                    save_crops(spec.out, src.name, p.key, row.label, sr, hr, lr, scale, spec.crop_size)
                 if spec.save_images and row.source != "folder":
                     save_png(Path(spec.out) / "images" / row.label / src.name / f"{p.key}.png", sr)
                 store.append(row.label, src.name, spec.rank, spec.world,
@@ -282,13 +274,15 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
 
     Returns the report paths and summaries on rank 0, None on the other ranks.
     """
+    from samdiffsr.evaluation.html_report import write_html
     from samdiffsr.evaluation.report import write_plots, write_tables
 
     store = ResultStore(spec.out)
     settings = _settings(spec)
     store.check_settings(settings)
     suite = MetricSuite(spec.metrics, settings["scale"], lpips_weights=spec.lpips_weights,
-                        fid_weights=spec.fid_weights, device=spec.device or default_device())
+                        fid_weights=spec.fid_weights, device=spec.device or default_device(),
+                        fid_mode=spec.fid_mode)
     keys_of = _score_share(spec, store, suite, settings)
     if spec.rank != 0:
         return None
@@ -297,4 +291,5 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any] | None:
     out = Path(spec.out)
     paths = write_tables(out, summaries, per_image, set_names, suite.names, settings)
     plots = write_plots(out, summaries, set_names, suite.names)
+    paths["html"] = write_html(out, summaries, per_image, set_names, suite.names, settings, plots)
     return {"paths": paths, "plots": plots, "summaries": summaries}

@@ -45,6 +45,24 @@ class SamCheckpointError(FileProblem, RuntimeError):
     prefix = "SAM checkpoint "
 
 
+# The checkpoints Meta publishes for each model type (https://github.com/facebookresearch/segment-anything
+# #model-checkpoints), downloadable from https://dl.fbaipublicfiles.com/segment_anything/<file>.
+OFFICIAL_CHECKPOINTS = MappingProxyType(
+    {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"})
+CHECKPOINTS_PAGE = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
+
+
+def where_to_get(model_type: str, short: bool = False) -> str:
+    """Which official checkpoint ``model_type`` takes and where it is published (empty for vit_tiny)."""
+    name = OFFICIAL_CHECKPOINTS.get(model_type)
+    if name is None:
+        return ""
+    if short:
+        return f"the official {model_type} checkpoint is {name} ({CHECKPOINTS_PAGE})"
+    return (f"the official {model_type} checkpoint is {name}, published at {CHECKPOINTS_PAGE} "
+            f"(https://dl.fbaipublicfiles.com/segment_anything/{name}); pass its path with --sam-checkpoint")
+
+
 def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
     """SAM's own builder with a 2-block, 32-wide ViT encoder (prompt encoder and decoder as released).
 
@@ -95,13 +113,15 @@ class SamMasker:
             raise ImportError("min_mask_region_area > 0 needs OpenCV (pip install opencv-python-headless)")
         path = Path(checkpoint)
         if not path.is_file():
-            raise SamCheckpointError(path, "file not found")
+            hint = where_to_get(model_type)
+            raise SamCheckpointError(path, f"file not found; {hint}" if hint else "file not found")
         try:
             model = MODEL_BUILDERS[model_type](checkpoint=str(path))
         except Exception as err:  # torch.load / load_state_dict raise many types; all mean "not this model"
             detail = f"{type(err).__name__}: {err}"
-            detail = detail if len(detail) <= 400 else detail[:400] + " ..."
-            reason = f"cannot be loaded as a SAM {model_type} model ({detail})"
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            hint = where_to_get(model_type, short=True)
+            reason = f"cannot be loaded as a SAM {model_type} model ({detail}){'; ' + hint if hint else ''}"
             raise SamCheckpointError(path, reason) from err
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(self.device)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from samdiffsr.bundled import config_path
 from samdiffsr.config import Config, ModelConfig, config_from_dict, deep_merge, load_config, parse_override
 from samdiffsr.distributed import local_rank
 from samdiffsr.models.diffusion import GaussianDiffusion, build_model
@@ -55,12 +56,12 @@ class LoadedModel:
 
 def resolve_config(ckpt: dict[str, Any], config: str | Path | Config | None,
                    overrides: Sequence[str] = ()) -> Config:
-    """``config`` (a path or Config) if given, else the config embedded in our weights, else defaults
-    (the paper's model); ``key=value`` overrides apply on top."""
+    """``config`` (a path, a shipped config's name, or a Config) if given, else the config embedded in our
+    weights, else defaults (the paper's model); ``key=value`` overrides apply on top."""
     if isinstance(config, Config):
         return config
     if config:
-        return load_config(config, overrides)
+        return load_config(config_path(config), overrides)
     embedded = ckpt.get("config") if isinstance(ckpt, dict) else None
     if not isinstance(embedded, dict):
         return load_config(None, overrides)

@@ -146,9 +146,9 @@ def sample_loop(model: Diffusion, x_T: Sequence[torch.Tensor], lr_ups: Sequence[
     timesteps = reverses[0].timesteps if reverses else []
     iterator: Iterable[tuple[int, int]] = enumerate(timesteps)
     if progress:
-        from tqdm import tqdm
+        from samdiffsr.progress import progress_bar
 
-        iterator = tqdm(iterator, total=len(timesteps), desc="sampling", leave=False)
+        iterator = progress_bar(iterator, total=len(timesteps), desc="sampling", leave=False)
     for i, t in iterator:
         eps = predict_eps(xs, t)
         xs = [reverse.step(x, e, i, gaussian_like(up, gen) if reverse.needs_noise(i) else None)

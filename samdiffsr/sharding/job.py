@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from samdiffsr.cli import UserError
 from samdiffsr.images import find_images, is_approximate
 from samdiffsr.io import writing
+from samdiffsr.progress import progress_bar
 from samdiffsr.sharding.manifest import (
     FORMAT,
     Journal,
@@ -279,8 +279,8 @@ def _write_part(settings: ShardSettings, job: ImageJob, journal: Journal, progre
                      on_complete=lambda record: progress.shards.append(journal.add_shard(record)))
     todo = [i for i in range(cursor[0], len(files)) if i not in pre_skipped]
     results = ordered_results(job, [(i, cursor[1] if i == cursor[0] else 0) for i in todo], settings.workers)
-    bar = tqdm(total=len(files), initial=cursor[0], unit="img", desc=f"shards {settings.name}",
-               disable=not settings.progress, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=len(files), initial=cursor[0], unit="img", desc=f"shards {settings.name}",
+                       disable=not settings.progress, dynamic_ncols=True, file=sys.stderr)
     try:
         for processed, i in enumerate(range(cursor[0], len(files))):
             if settings.stop_after is not None and processed >= settings.stop_after:

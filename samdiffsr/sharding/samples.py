@@ -2,8 +2,9 @@
 
 An image is loaded (:mod:`samdiffsr.images`), its masks read or made (:mod:`samdiffsr.masks.cache`),
 then prepared and tiled (:mod:`samdiffsr.sharding.tiles`) and every tile encoded as the fields of
-:mod:`samdiffsr.data.reader`: ``hr.npy``, ``lr.npy``, ``seg.npy`` + ``segval.npy`` (absent without mask data)
-and ``json``. In benchmark mode the whole mod-cropped image is one sample.
+:mod:`samdiffsr.data.reader` (``hr``, ``lr``, ``seg`` + ``segval`` (absent without mask data) in the job's
+encoding, default zstd-compressed ``.npy.zst``, and ``json``). In benchmark mode the whole mod-cropped image is
+one sample.
 
 Keys are ``<stem>-<hash>-<y>-<x>`` (benchmark: ``<stem>-<hash>``): ``stem`` is the file's relative path
 without extension, every character outside ``[A-Za-z0-9_-]`` replaced by ``_`` and cut to 48 characters;
@@ -17,16 +18,13 @@ Anything else (a bug, out of memory, a broken SAM checkpoint) propagates and sto
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from samdiffsr.data.reader import encode_mask
+from samdiffsr.data.reader import DEFAULT_ENCODING, ENCODINGS, encode_arrays
 from samdiffsr.images import ImageError, read_image
 from samdiffsr.masks.cache import load_or_make_masks
 from samdiffsr.masks.rle import MaskFileError
@@ -93,6 +91,11 @@ class ImageJob:
     spec: TileSpec
     masks: MaskSource
     benchmark: bool = False
+    encoding: str = DEFAULT_ENCODING  # samdiffsr.data.reader.ENCODINGS: zstd (default) or npy (format 1)
+
+    def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"unknown shard encoding {self.encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
 @dataclass
@@ -114,13 +117,6 @@ def sample_key(relpath: str, y: int | None = None, x: int | None = None) -> str:
     digest = hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:10]
     base = f"{stem}-{digest}"
     return base if y is None else f"{base}-{y:05d}-{x:05d}"
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``np.save`` of a C-contiguous copy, as bytes."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 class SampleMaker:
@@ -188,16 +184,9 @@ class SampleMaker:
 
     def _encode(self, hr, lr, prepared, rel, y, x, meta, labels=None) -> dict[str, Any]:
         whole = y is None
-        sample = {
-            "__key__": sample_key(rel, y, x),
-            "hr.npy": npy_bytes(hr),
-            "lr.npy": npy_bytes(lr),
-        }
         labels = prepared.labels if whole else labels
-        if labels is not None:
-            encoded = encode_mask(labels, prepared.values)
-            sample["seg.npy"] = npy_bytes(encoded["seg.npy"])
-            sample["segval.npy"] = npy_bytes(encoded["segval.npy"])
+        sample = {"__key__": sample_key(rel, y, x),
+                  **encode_arrays(hr, lr, labels, prepared.values, encoding=self.job.encoding)}
         info = dict(meta, pos=[0, 0] if whole else [y, x], size=list(hr.shape[:2]), whole_image=whole)
         sample["json"] = json.dumps(info, sort_keys=True).encode("utf-8")
         return sample

@@ -23,7 +23,7 @@ from samdiffsr.data.stream import TrainStream
 from samdiffsr.train import checkpoints
 from samdiffsr.train.build import build_ema, build_trainer
 from samdiffsr.train.collective import init_distributed
-from samdiffsr.train.logs import RunLog
+from samdiffsr.train.logs import RunLog, train_log
 from samdiffsr.train.loop import train_loop
 from samdiffsr.train.resume import RunState, resume, resume_points
 from samdiffsr.train.stop import EXIT_TERMINATED, STOP_SIGNALS, StopRequest
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None, stop_requested: Callable[[], bool] | Non
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     rank, world_size, device = init_distributed()
-    return train(cfg, rank=rank, world_size=world_size, device=device, stop_requested=stop_requested)
+    with train_log(cfg.train.run_dir, enabled=rank == 0):
+        return train(cfg, rank=rank, world_size=world_size, device=device, stop_requested=stop_requested)
 
 
 def cli() -> int:

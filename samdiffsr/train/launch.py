@@ -1,5 +1,10 @@
 """Start a training run on this machine under the DeepSpeed launcher, with N data-parallel ranks (GPUs, or
-CPU processes on gloo when there is no GPU); skip runs that already reached ``train.max_steps``."""
+CPU processes on gloo when there is no GPU); skip runs that already reached ``train.max_steps``.
+
+The ranks run ``python -m samdiffsr.train`` (the runner's ``--module``), not a script of the repository, so
+this works from a plain wheel install as well as from a checkout; they start in the caller's working folder,
+where relative paths in the config and overrides are meant.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from samdiffsr.config import load_config
 from samdiffsr.distributed import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+TRAIN_MODULE = "samdiffsr.train"  # samdiffsr/train/__main__.py: launcher/train.py without the repository
 
 
 def finished(config: str | os.PathLike, overrides: list[str], run_dir: Path) -> bool:
@@ -27,7 +32,7 @@ def finished(config: str | os.PathLike, overrides: list[str], run_dir: Path) -> 
 
 
 def launch_training(config: str | os.PathLike, overrides: list[str], ranks: int, run_dir: Path) -> int:
-    """Run launcher/train.py in ``run_dir`` with ``ranks`` processes; returns its exit status (0 if finished)."""
+    """Train into ``run_dir`` with ``ranks`` processes; returns the launcher's exit status (0 if finished)."""
     overrides = [*overrides, f"train.run_dir={run_dir}"]
     if finished(config, overrides, run_dir):
         print(f"{run_dir}: already trained to train.max_steps, not launched again", flush=True)
@@ -40,7 +45,6 @@ def launch_training(config: str | os.PathLike, overrides: list[str], ranks: int,
     else:
         ranks = min(ranks, gpus)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), "--config", str(config),
-           *overrides]
+           "--master_port", str(free_port()), "--module", TRAIN_MODULE, "--config", str(config), *overrides]
     print("$ " + " ".join(cmd[2:]), flush=True)
-    return subprocess.run(cmd, env=env, cwd=REPO).returncode
+    return subprocess.run(cmd, env=env).returncode

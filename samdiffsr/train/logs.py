@@ -1,8 +1,13 @@
-"""What a training run reports, on rank 0: TensorBoard, a tqdm bar, per-step losses, the resolved config.
+"""What a training run reports, on rank 0: TensorBoard, a progress bar, per-step losses, the resolved config.
 
 Files in the run folder:
 - ``config.yaml``: the resolved config of the (latest) start.
-- ``tb/``: TensorBoard events (train/*, data/*, val/* scalars; val images).
+- ``train.log``: a text log of what the console shows, appended across starts: a header per start, the
+  resolved config, resume decisions, every warning / error of samdiffsr's loggers, the losses of each log
+  interval, validation, the end (or the error that ended the run). See :func:`train_log`.
+- ``tb/``: TensorBoard events (train/*, data/*, val/* scalars; val images; the resolved config as text
+  ``config``; the hparams plugin's summary of the flattened config, with ``train/loss`` and the validation
+  scalars as its metrics).
 - ``losses.jsonl``: one ``{"step", "loss", "skipped"}`` line per optimizer step (global mean loss over
   ranks and micro-batches), appended at log intervals. On resume, lines after the resumed step are
   dropped (they belong to the part of the run that is being redone), like TensorBoard's ``purge_step``.
@@ -17,16 +22,103 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import sys
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+import yaml
 
+from samdiffsr.cli import UserError
 from samdiffsr.config import Config, save_config
 from samdiffsr.io import atomic_write_text
+from samdiffsr.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train.log"
+PACKAGE_LOGGER = "samdiffsr"
+VAL_METRICS = ("val/psnr_y", "val/ssim_y")
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _open_text_log(run_dir: Path) -> IO[str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return (run_dir / TRAIN_LOG).open("a", buffering=1)  # line-buffered: a killed job keeps its last line
+
+
+@contextmanager
+def train_log(run_dir: str | Path, enabled: bool) -> Iterator[None]:
+    """Rank 0 (``enabled``): ``run_dir/train.log`` gets a header, every warning or error that samdiffsr's
+    loggers emit while the block runs, and the exception that ends it (one line for a user error or
+    Ctrl-C, the traceback for anything else), then an end line. The console keeps showing the warnings.
+    """
+    if not enabled:
+        yield
+        return
+    f = _open_text_log(Path(run_dir))
+    f.write(f"=== {_stamp()} start on {socket.gethostname()} (pid {os.getpid()}): {' '.join(sys.argv)}\n")
+    handlers = [logging.StreamHandler(f)]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+    if not logging.getLogger().handlers:  # what Python's last-resort handler showed, now that one is set
+        handlers.append(logging.StreamHandler(sys.stderr))
+    package = logging.getLogger(PACKAGE_LOGGER)
+    for h in handlers:
+        h.setLevel(logging.WARNING)
+        package.addHandler(h)
+    try:
+        yield
+    except BaseException as exc:
+        f.write(f"{_stamp()} {describe_exit(exc)}\n")
+        raise
+    finally:
+        for h in handlers:
+            package.removeHandler(h)
+        f.write(f"=== {_stamp()} end\n")
+        f.close()
+
+
+def describe_exit(exc: BaseException) -> str:
+    """How an exception that ends training reads in train.log."""
+    if isinstance(exc, UserError):
+        return f"error: {' '.join(str(exc).split())}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return f"exit {exc.code}"
+    return "error:\n" + "".join(traceback.format_exception(exc)).rstrip()
+
+
+def flat_hparams(cfg: Config) -> dict[str, Any]:
+    """``section.key -> value`` for TensorBoard's hparams (lists, None and dicts as text)."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            out[name] = value if isinstance(value, bool | int | float | str) else json.dumps(value)
+    return out
+
+
+def write_config_summaries(writer: Any, cfg: Config, step: int) -> None:
+    """The resolved config as TensorBoard text (``config``) and as the hparams plugin's summary."""
+    from torch.utils.tensorboard.summary import hparams
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), step)  # markdown code
+    metrics = {"train/loss": 0.0, **({m: 0.0 for m in VAL_METRICS} if cfg.train.val_every > 0 else {})}
+    file_writer = writer._get_file_writer()  # the same run as the scalars, so the metrics link up
+    for summary in hparams(flat_hparams(cfg), metrics):
+        file_writer.add_summary(summary)
 
 
 def step_ranges(steps: list[int]) -> str:
@@ -72,20 +164,29 @@ class RunLog:
         self._data_wait = 0.0
         self._t0 = time.perf_counter()
         self._interval_start_step = start_step
+        self.max_steps = max_steps
         self.writer = None
         self.bar = None
+        self.text: IO[str] | None = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.text = _open_text_log(self.run_dir)
         save_config(cfg, self.run_dir / "config.yaml")
+        config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self._text("resolved config (config.yaml):\n" + "".join(f"  {line}\n" for line in config_text.splitlines()))
         truncate_losses(self.losses_path, start_step)
         # purge_step drops events a killed run wrote after the checkpoint we (re)start from.
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc=cfg.train.task, unit="step",
-                        dynamic_ncols=True)
+        write_config_summaries(self.writer, cfg, start_step)
+        self.bar = progress_bar(total=max_steps, initial=start_step, desc=cfg.train.task, unit="step",
+                                dynamic_ncols=True)
+
+    def _text(self, text: str) -> None:
+        """A line (or block) in train.log, time-stamped."""
+        if self.text is not None:
+            self.text.write(f"{_stamp()} {text.rstrip()}\n")
 
     def step(self, step: int, loss: torch.Tensor, skipped: torch.Tensor, data_wait: float) -> None:
         """Buffer one step's (device) values; every rank buffers, so every rank knows the last loss."""
@@ -131,6 +232,9 @@ class RunLog:
             self.writer.flush()
             self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scalars.get('lr', 0):.2e}",
                                  sps=f"{out['samples_per_s']:.1f}")
+            self._text(f"step {step}/{self.max_steps}: loss {losses[-1]:.4f}, lr {scalars.get('lr', 0):.2e}, "
+                       f"{out['samples_per_s']:.1f} samples/s, data wait {out['data_wait_fraction']:.0%}"
+                       + (f", skipped steps {step_ranges(bad)}" if bad else ""))
         self._steps, self._losses, self._skipped = [], [], []
         return out
 
@@ -143,11 +247,14 @@ class RunLog:
         for name, image in images.items():
             self.writer.add_image(f"val/{name}", image, step, dataformats="CHW")
         self.writer.flush()
-        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.bar.write(line)
+        self._text(f"validation {line}")
 
     def message(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
+            self._text(text)
 
     def close(self, summary: dict[str, Any] | None) -> None:
         """Write ``summary.json`` (when given: the run ended normally) and close the writer and bar."""
@@ -155,5 +262,9 @@ class RunLog:
             return
         if summary is not None:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            how = "stopped (a checkpoint was saved; rerun to resume)" if summary.get("stopped") else "finished"
+            self._text(f"{how} at step {summary.get('step')}, loss {summary.get('loss', float('nan')):.4f}")
         self.writer.close()
         self.bar.close()
+        self.text.close()
+        self.text = None
