@@ -30,7 +30,8 @@ setup(
         "submitit>=1.5",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=7", "ruff>=0.5", "rotary-embedding-torch>=0.5.3,<0.6"]},
+    extras_require={"dev": ["pytest>=7", "ruff>=0.5", "rotary-embedding-torch>=0.5.3,<0.6",
+                            "wheel>=0.40"]},  # wheel: tests/test_packaging.py builds one (no isolation)
     entry_points={
         "console_scripts": [
             "samdiffsr-make-shards=samdiffsr.demo.photos:make_shards_command",

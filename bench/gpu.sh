@@ -35,7 +35,7 @@ if [ "$smoke" = 1 ]; then
   run_args=(--steps 12 --ckpt-every 4 --log-every 2 --photos 2 "${tiny[@]}" "${data_small[@]}" data.workers=2)
   sweep_args=(--images 4 --crop 64 --batch 4 --precision fp32)
   loader_args=(--batches 4 --warmup 1 "${data_small[@]}")
-  sam_args=(--model-type vit_tiny --long-side 256 --points-per-side 4)
+  sam_args=(--model-type vit_tiny --long-side 256 --images 2 --amg points_per_side=4)
   budget=${BUDGET_S:-2400}
   stretch=6  # section limits x6: a shared 2-core CPU is slow even at these sizes; the budget still caps them
 else
@@ -76,7 +76,7 @@ main() {
   section "2 training run" 170 python bench/gpu_train_run.py --work "$work" --device "$device" "${run_args[@]}"
   section "3 sampling" 60 python bench/sample_sweep.py --run "$work/runs/A" --work "$work" --device "$device" "${sweep_args[@]}"
   section "4 loader" 45 python bench/loader.py --shards "$work/shards/train" --work "$work" --device "$device" --workers 4,8 "${loader_args[@]}"
-  section "5 SAM masks" 120 python bench/sam_masks.py --work "$work" --device "$device" "${sam_args[@]}"
+  section "5 SAM masks" 150 python bench/sam_masks.py --work "$work" --device "$device" "${sam_args[@]}"
   section "summary" 30 python bench/gpu_summary.py "$work"
   echo
   echo "## end: $(( $(date +%s) - start_all )) s in all; sections that did not finish: ${failed[*]:-none}"

@@ -64,6 +64,8 @@ def make_step(cfg, variant: str, device: torch.device, batch: int, patch: int, s
 
 
 def free(device: torch.device) -> None:
+    """Release the previous variant's model (compiled graphs hold it too) before the next one is measured."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -59,3 +59,14 @@ def test_truncated_and_garbled_shards_raise_after_the_good_samples(tmp_path):
         list(read_shard(str(tmp_path / "bad.tar")))
     with pytest.raises(FileNotFoundError):
         list(read_shard(str(tmp_path / "missing.tar")))
+
+
+def test_a_cached_copy_is_named_by_its_source(tmp_path):
+    _write(tmp_path / "a.tar", [{"__key__": f"s{i}", "bin": bytes(3000)} for i in range(4)])
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "copy.tar").write_bytes(data[: len(data) // 2])
+    got = []
+    with pytest.raises(TarFormatError, match=r"^shared/a\.tar: truncated"):
+        for sample in read_shard(str(tmp_path / "copy.tar"), source="shared/a.tar"):
+            got.append(sample["__url__"])
+    assert got and set(got) == {"shared/a.tar"}

@@ -4,7 +4,8 @@ What a rank sees is a pure function of (seed, epoch, rank, world size, DataLoade
 config), so resuming needs the same world size, ``data.workers`` and batch size. Every rank makes the same
 ``epoch_batches``; the DataLoader takes the workers' batches round robin (global batch ``g`` is batch
 ``g // W`` of logical worker ``g % W``), which is what lets ``iter_epoch(epoch, skip_batches=k)`` resume
-exactly. How an epoch is built and cut, resume costs, memory, bad data and signals: docs/data.md.
+exactly. How an epoch is built and cut, resume costs, memory, bad data and signals: docs/data.md. With
+``data.cache_dir`` each shard is read from a node-local copy made on first use (data/cache.py, docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -160,7 +160,10 @@ def _mask_source(args, parser) -> MaskSource:
     if args.sam_checkpoint and kind != "sam":
         parser.error(f"--sam-checkpoint given but --masker is {kind}")
     if kind == "sam" and not Path(args.sam_checkpoint).is_file():
-        parser.error(f"SAM checkpoint not found: {args.sam_checkpoint}")
+        from samdiffsr.masks.sam import where_to_get  # the official file name and where it is published
+
+        hint = where_to_get(args.sam_model_type)
+        parser.error(f"SAM checkpoint not found: {args.sam_checkpoint}" + (f"; {hint}" if hint else ""))
     if kind == "json" and not Path(args.masks).is_dir():
         parser.error(f"mask folder not found: {args.masks}")
     masks_dir = args.masks or (str(Path(args.out) / "masks") if kind in ("sam", "felzenszwalb") else None)
