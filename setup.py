@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.14",
         "submitit>=1.5",
         "matplotlib>=3.7",
+        "zstandard>=0.19",  # shards store arrays zstd-compressed (format 2, docs/scaling.md)
     ],
     extras_require={"dev": ["pytest>=7", "ruff>=0.5", "rotary-embedding-torch>=0.5.3,<0.6",
                             "wheel>=0.40"]},  # wheel: tests/test_packaging.py builds one (no isolation)

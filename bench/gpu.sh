@@ -27,9 +27,10 @@ work=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/samdiffsr-gpu.XXXXXX")}
 mkdir -p "$work" "$(dirname "$log")"
 
 if [ "$smoke" = 1 ]; then
-  # The same code paths at toy sizes: a 2-level UNet, batch 4, patch 32; the ViT-tiny SAM (SAM's own
-  # modules, 32 wide); torch.compile through dynamo + AOT autograd without code generation (aot_eager).
-  tiny=(model.hidden_size=16 model.dim_mults=1,2 model.rrdb_num_block=2 model.rrdb_num_feat=16 model.rrdb_growth=8)
+  # The same code paths at toy sizes: a 2-level UNet with 20 diffusion steps, batch 4, patch 32; the ViT-tiny
+  # SAM (SAM's own modules, 32 wide); torch.compile through dynamo + AOT autograd without code generation.
+  tiny=(model.hidden_size=16 model.dim_mults=1,2 model.rrdb_num_block=2 model.rrdb_num_feat=16 model.rrdb_growth=8
+        model.timesteps=20)
   step_args=(--batch 4,2 --patch 32 --steps 1 --warmup 1 --compile-backend aot_eager --max-batch-cap 8 "${tiny[@]}")
   data_small=(train.batch_size=4 data.patch_size=32 data.shuffle_buffer=8)
   run_args=(--steps 12 --ckpt-every 4 --log-every 2 --photos 2 "${tiny[@]}" "${data_small[@]}" data.workers=2)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import webdataset as wds
+import zstandard
 from skimage import data
 
 from samdiffsr.data.reader import SampleError, decode_sample, encode_arrays, encode_mask, field_array, read_samples
@@ -124,6 +125,9 @@ def test_zstd_fields_are_smaller_and_deterministic():
     packed = encode_arrays(hr, lr, labels, values)
     assert len(packed["seg.npy.zst"]) < len(encode_arrays(hr, lr, labels, values, "npy")["seg.npy"]) // 10
     assert encode_arrays(hr, lr, labels, values) == packed  # deterministic: the same shards byte for byte
+    for field in ("hr.npy.zst", "lr.npy.zst", "seg.npy.zst"):  # corrupt storage is an error, not wrong pixels
+        params = zstandard.get_frame_parameters(packed[field])
+        assert params.has_checksum and params.content_size > 0, field
 
 
 @pytest.mark.parametrize("damage, fragment", [

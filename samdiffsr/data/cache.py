@@ -1,12 +1,11 @@
 """Node-local shard cache (``data.cache_dir``): each shard is copied to local disk on first use, and later
 epochs read the copy.
 
-Why not webdataset's own cache (``cache_dir`` of ``WebDataset`` / ``cached_url_opener``): it caches inside
-webdataset's pipeline of URL dicts and tar streams, while the training stream reads shards with its own tar
-reader (``data/tarread.py``) in an exact, resumable order (``data/stream.py``); it also tees the stream into the
-cache while reading, so an epoch that stops in the middle of a shard (every epoch is cut by batch count)
-leaves a partial copy. Here a shard is copied whole before it is read (a shard is at most ``--max-size``,
-256 MB by default), so the bytes read are the same whether or not the cache is used.
+Why not webdataset's own cache (``webdataset.cache.FileCache``): it never caches a local path (shards on a
+mounted cluster file system are read in place), names a copy by the file's base name only (two folders'
+``train-000000.tar`` collide) and never notices a rewritten source. Like it, a shard is copied whole before it
+is read (a shard is at most ``--max-size``, 256 MB by default), so the bytes the stream's own tar reader sees
+are the same whether or not the cache is used, and resuming stays exact.
 
 A copy is written as ``<name>.<pid>.tmp``, fsynced and renamed: a file in the cache is always whole. An
 exclusive ``flock`` per shard makes the ranks and DataLoader workers of one node copy each shard once; the

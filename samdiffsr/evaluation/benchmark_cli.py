@@ -55,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate checkpoints of a run (and/or weight files, e.g. the authors' "
         "model_ckpt_steps_400000.ckpt) on benchmark sets, next to plain bicubic upsampling.",
         epilog=__doc__)
-    src = p.add_argument_group("what to evaluate")
+    _input_options(p.add_argument_group("what to evaluate"))
+    _metric_options(p.add_argument_group("metrics"))
+    _sampling_options(p.add_argument_group("sampling (not with --sr-dir)"))
+    _output_options(p.add_argument_group("output"))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (default: none)")
+    return p
+
+
+def _input_options(src: argparse._ArgumentGroup) -> None:
     src.add_argument("--run", help="training run folder: reads <run>/weights/stepN.pt and <run>/config.yaml "
                      "(default: none)")
     src.add_argument("--ckpts", nargs="+", default=["all"],
@@ -70,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hr-dir", help="the HR folder for --sr-dir (default: none)")
     src.add_argument("--no-bicubic", action="store_true",
                      help="leave out the bicubic baseline row (default: off, the row is there)")
-    m = p.add_argument_group("metrics")
+
+
+def _metric_options(m: argparse._ArgumentGroup) -> None:
     m.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from {', '.join(ALL_METRICS)}; fid means FID in --fid-mode "
                    f"(default: {','.join(DEFAULT_METRICS)})")
@@ -83,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fid-weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth, file or folder "
                    "(default: the torch hub cache, $TORCH_HOME/hub/checkpoints)")
-    s = p.add_argument_group("sampling (not with --sr-dir)")
+
+
+def _sampling_options(s: argparse._ArgumentGroup) -> None:
     s.add_argument("--config", help="model config (default: <run>/config.yaml, else the weights' own)")
     s.add_argument("--steps", type=int, default=None,
                    help="sampler steps; fewer than T: respaced DDIM (default: all T steps)")
@@ -99,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32", choices=tuple(PRECISION_DTYPES),
                    help="sampling precision (default: %(default)s)")
     s.add_argument("--lr-up-divisor", type=float, default=None,
-                   help="(default: 256 for the authors' checkpoint, else the config's model.lr_up_divisor)")
+                   help="LR is divided by this (255 or 256) for the model's bicubic input "
+                   "(default: 256 for the authors' checkpoint, else the config's model.lr_up_divisor)")
     s.add_argument("--no-ema", action="store_true",
                    help="use the raw weights, not the EMA ones (default: off, EMA when the file has them)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    o = p.add_argument_group("output")
+
+
+def _output_options(o: argparse._ArgumentGroup) -> None:
     o.add_argument("--out", help="output folder (default: <run>/benchmark)")
     o.add_argument("--save-images", action="store_true",
                    help="also write the SR images under <out>/images, and the crops of results.html (default: off)")
@@ -115,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gather-timeout", type=float, default=6 * 3600.0,
                    help="seconds rank 0 waits for the other ranks' results (default: %(default)s)")
     o.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (default: none)")
-    return p
 
 
 def _base_config(args: argparse.Namespace) -> tuple[Config, str | None]:
