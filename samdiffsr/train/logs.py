@@ -79,13 +79,21 @@ def train_log(run_dir: str | Path, enabled: bool) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        f.write(f"{_stamp()} {describe_exit(exc)}\n")
+        _best_effort(f.write, f"{_stamp()} {describe_exit(exc)}\n")
         raise
     finally:
         for h in handlers:
             package.removeHandler(h)
-        f.write(f"=== {_stamp()} end\n")
-        f.close()
+        _best_effort(f.write, f"=== {_stamp()} end\n")
+        _best_effort(f.close)
+
+
+def _best_effort(write: Any, *args: Any) -> None:
+    """A text-log write that may fail (a full disk) without hiding the error that is ending the run."""
+    try:
+        write(*args)
+    except OSError:
+        pass
 
 
 def describe_exit(exc: BaseException) -> str:
