@@ -110,6 +110,12 @@ def test_two_arms_two_seeds_killed_in_the_second_arm_then_resumed(tmp_path):
     report = json.loads((out / "ablation.json").read_text())
     assert set(report["curves"]["arms"]) == {"sam", "plain"} and report["verdicts"]
     assert (out / "plot_psnr_y.png").stat().st_size > 0 and "## Verdict" in (out / "ablation.md").read_text()
+    page = (out / "ablation.html").read_text()
+    assert "plain vs sam, step 6, psnr_y" in page and "<img src='plot_psnr_y.png'" in page
+    for arm in ("sam", "plain"):  # each run's benchmark page is linked, and the link resolves
+        for seed in (1234, 1235):
+            assert f"href='bench/{arm}/seed{seed}/results.html'" in page
+            assert (out / "bench" / arm / f"seed{seed}" / "results.html").is_file()
     # Paired per image: the difference is that of each run's own per-image scores.
     per_image = {arm: [list(csv.DictReader((out / "bench" / arm / f"seed{s}" / "results_per_image.csv").open()))
                        for s in (1234, 1235)] for arm in ("sam", "plain")}

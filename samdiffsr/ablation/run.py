@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from samdiffsr.ablation.analysis import compare, read_scores, verdict_lines, write_outputs
+from samdiffsr.ablation.page import write_page
 from samdiffsr.ablation.plan import AblationSpec
 from samdiffsr.cli import EXIT_FAILED, UserError
 from samdiffsr.io import atomic_write_text
@@ -74,7 +75,10 @@ def analyse(spec: AblationSpec, resamples: int = 10000) -> list[str]:
     metrics = [m for m in spec.metrics.split(",") if m and not m.startswith("fid")]  # FID has no per-image value
     comparisons, curves = compare(runs, metrics, resamples)
     write_outputs(Path(spec.out), spec.to_dict(), comparisons, curves)
-    return verdict_lines(comparisons)
+    lines = verdict_lines(comparisons)
+    write_page(Path(spec.out), spec.to_dict(), [c.row() for c in comparisons], lines,
+               {arm.name: [spec.bench_dir(arm, seed) for seed in spec.seed_values()] for arm in spec.arms})
+    return lines
 
 
 def run_ablation(spec: AblationSpec) -> list[str]:
@@ -89,5 +93,6 @@ def run_ablation(spec: AblationSpec) -> list[str]:
     out = Path(spec.out)
     print("\n".join(lines))
     print(f"\ntable:  {out / 'ablation.md'}  ({out / 'ablation.csv'}, {out / 'ablation.json'})\n"
+          f"page:   {out / 'ablation.html'}  (links each run's benchmark page)\n"
           f"plots:  {', '.join(str(p) for p in sorted(out.glob('plot_*.png')))}")
     return lines
