@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samdiffsr.ablation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
 
 
 def test_two_images_one_seed_give_the_hand_computed_interval():

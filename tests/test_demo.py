@@ -3,12 +3,27 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from samdiffsr.data.pairs import read_pairs
+from samdiffsr.data.reader import read_samples
+from samdiffsr.demo.photos import (
+    DEMO_TRAIN,
+    DEMO_VAL,
+    HELD_OUT_CROP,
+    HELD_OUT_MARGIN,
+    demo_photo,
+    held_out_boxes,
+    held_out_split,
+)
+from samdiffsr.evaluation.results import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=8", "model.dim_mults=[1,2]", "model.rrdb_num_block=2", "model.rrdb_num_feat=8",
@@ -36,7 +51,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     metrics = ["psnr_y", "ssim_y", "psnr_y_paper", "ssim_y_paper"]
     assert sorted((r["checkpoint"], r["metric"]) for r in rows) == sorted(
         (c, m) for c in ("bicubic", "step00000003", "step00000006") for m in metrics)
-    assert all(r["set"] == "demo_val" and r["images"] == "2" for r in rows)  # the 2 held-out photos
+    assert all(r["set"] == "demo_val" and r["images"] == "26" for r in rows)  # 2 crops of each of 13 photos
     every = (out / "results.md").read_text()
     assert "| bicubic |" in every and "| step00000003 | 3 |" in every and "| step00000006 | 6 |" in every
     # The three rows side by side, printed and in demo.md: bicubic and the best checkpoint as in results.csv.
@@ -52,18 +67,66 @@ def test_demo_pipeline_end_to_end(tmp_path):
     rrdb_psnr, rrdb_ssim = (float(v) for v in table[2].strip("| ").split(" | ")[1:])
     assert 5 < rrdb_psnr < 60 and 0 < rrdb_ssim <= 1 and (rrdb_psnr, rrdb_ssim) != (psnr[best], ssim[best])
     assert table[3] == f"| SAM-DiffSR {best} (ddim, 2 steps, eta 1) | {psnr[best]:.2f} | {ssim[best]:.4f} |"
-    # The verdict: exactly the one line the PSNR-Y and SSIM-Y values call for, with those values.
-    dp, ds = psnr[best] - psnr["bicubic"], ssim[best] - ssim["bicubic"]
-    figures = (f"{psnr[best]:.2f} vs {psnr['bicubic']:.2f} dB PSNR-Y ({dp:+.2f}), "
-               f"{ssim[best]:.4f} vs {ssim['bicubic']:.4f} SSIM-Y ({ds:+.4f})")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("training ")]
-    expected = "training beats bicubic" if dp > 0 and ds > 0 else "training has not beaten bicubic in both metrics yet"
-    assert lines == [f"{expected}: {best} {figures}"]
-    # The comparison picture: one row per held-out photo (LR, bicubic, SR, HR), its path printed.
+    # The paired differences: the mean over the 26 images of the per-image difference, an interval around it,
+    # and the verdict the intervals call for.
+    results = ResultStore(out)
+    per_image = {c: {k: r["metrics"] for k, r in results.records(c, "demo_val").items()} for c in ("bicubic", best)}
+    assert len(per_image[best]) == 26 and per_image[best].keys() == per_image["bicubic"].keys()
+    lines = summary.splitlines()
+    vs_bicubic = next(line for line in lines if line.startswith(f"SAM-DiffSR {best} - bicubic: "))
+    assert vs_bicubic.endswith("(mean over 26 held-out images, 95% bootstrap interval)")
+    above = []
+    for metric, label, unit in (("psnr_y", "PSNR-Y", " dB"), ("ssim_y", "SSIM-Y", "")):
+        mean = np.mean([per_image[best][k][metric] - per_image["bicubic"][k][metric] for k in per_image[best]])
+        found = re.search(rf"{label} ([-+][0-9.]+){unit} \[([-+][0-9.]+), ([-+][0-9.]+)\]", vs_bicubic)
+        assert found, vs_bicubic
+        value, low, high = map(float, found.groups())
+        assert value == pytest.approx(mean, abs=6e-4 if unit else 6e-5) and low <= value <= high and low < high
+        above.append(low > 0)
+    assert any(line.startswith(f"SAM-DiffSR {best} - RRDB alone: PSNR-Y ") for line in lines)
+    expected = ("training beats bicubic" if all(above) else "training has not beaten bicubic in both metrics yet")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("training ")] == [
+        next(line for line in lines if line.startswith(expected))]
+    # The comparison picture: the first 4 held-out images (LR, bicubic, SR, HR), its path printed.
     picture = out / "comparison.png"
     assert f"picture:     {picture}" in proc.stdout
     with Image.open(picture) as img:
         assert img.format == "PNG" and img.width > 1000 and img.height > 400
-    assert len(list((out / "images" / best / "demo_val").glob("*.png"))) == 2  # the SR images it shows
+    assert len(list((out / "images" / best / "demo_val").glob("*.png"))) == 26  # an SR image of each
     assert [p for p in out.glob("*.png") if p != picture], "no metric plot written"
     assert (tmp_path / "runs" / "demo" / "tb").is_dir()
+    assert_held_out_is_unseen(tmp_path / "shards")
+
+
+def blocks(image: np.ndarray, size: int = 8) -> set[bytes]:
+    """Every ``size`` x ``size`` window of an image, as bytes (to look one up in another image)."""
+    windows = np.lib.stride_tricks.sliding_window_view(image, (size, size), axis=(0, 1))
+    return {w.tobytes() for w in windows.reshape(-1, *windows.shape[2:])}
+
+
+def assert_held_out_is_unseen(shards: Path) -> None:
+    """No 8 x 8 window of a held-out HR image occurs in any training tile's HR (a pixel-exact search)."""
+    held_out = [pair for _, _, pair in read_pairs(str(shards / "val" / "*.tar"), "shards", 4)]
+    assert len(held_out) == 26
+    trained: set[bytes] = set()
+    for sample in read_samples(sorted(str(p) for p in (shards / "train").glob("*.tar"))):
+        trained |= blocks(sample["hr"])
+    seen = [pair.key for pair in held_out if blocks(pair.hr) & trained]
+    assert not seen, f"held-out images whose pixels are in a training shard: {seen}"
+
+
+def test_held_out_crops_lie_beyond_a_margin_below_the_training_part():
+    for name in (*DEMO_TRAIN, *DEMO_VAL):
+        photo = demo_photo(name)
+        kept, boxes = held_out_boxes(name, photo)
+        part, crops = held_out_split(name, photo)
+        assert len(boxes) == 2 and crops.keys() == boxes.keys()
+        if name in DEMO_VAL:  # never trained on
+            assert kept is None and part is None
+        else:  # the training part is the top of the photo, every crop starts the margin below it
+            assert np.array_equal(part, photo[:kept])
+            assert all(top >= kept + HELD_OUT_MARGIN for top, _ in boxes.values()), name
+        for key, (top, left) in boxes.items():
+            assert crops[key].shape == (HELD_OUT_CROP, HELD_OUT_CROP, 3)
+            assert np.array_equal(crops[key], photo[top:top + HELD_OUT_CROP, left:left + HELD_OUT_CROP])
+            assert crops[key].std() > 10, f"{key} is nearly flat"

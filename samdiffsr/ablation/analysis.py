@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from samdiffsr.ablation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
 from samdiffsr.cli import UserError
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
 from samdiffsr.io import atomic_write, atomic_write_text
 
 # Columns of results_per_image.csv that are not metrics.

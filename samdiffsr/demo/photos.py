@@ -2,8 +2,15 @@
 
 The photos are written as PNGs under ``shards/demo/images/`` and sharded with the Felzenszwalb masker
 (recorded as ``felzenszwalb`` in every sample, never mistaken for SAM): the train photos tiled into
-``shards/demo/train/`` (19 tiles of 320, in ``train-000000.tar`` and ``train-000001.tar``), the held-out
-photos as whole-image benchmark pairs (no masks) into ``shards/demo/val/test-000000.tar``.
+``shards/demo/train/``, the held-out crops as whole-image benchmark pairs (no masks) into
+``shards/demo/val/test-000000.tar``.
+
+The held-out set (:func:`held_out_split`): two photos never trained on (``chelsea``, ``coffee``) and, from every
+training photo, a band along its bottom edge that is cut off before sharding. Each photo gives two
+``HELD_OUT_CROP`` squares, so 26 held-out images in all: enough for a paired bootstrap interval to mean
+something, at fewer pixels than the two whole photos the demo used to score. A ``HELD_OUT_MARGIN`` of rows
+between the training part and the crops is in neither, so no held-out pixel, nor the bicubic support of its
+LR, touches a training pixel or its neighbours.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from samdiffsr.sharding.workers import WorkerError
 DEMO_TRAIN = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "camera",
               "brick", "grass", "gravel", "retina", "grace_hopper")
 DEMO_VAL = ("chelsea", "coffee")
+HELD_OUT_CROP = 96  # HR side of every held-out image (LR 24 x 24 at x4)
+HELD_OUT_MARGIN = 16  # HR rows between a training photo's kept part and its held-out crops (>= 2 bicubic supports)
 
 
 def demo_photo(name: str) -> np.ndarray:
@@ -47,17 +56,62 @@ def demo_photo(name: str) -> np.ndarray:
     return np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
 
 
+def held_out_boxes(name: str, photo: np.ndarray) -> tuple[int | None, dict[str, tuple[int, int]]]:
+    """``(rows kept for training or None, {key: (top, left) of a held-out crop})`` of one demo photo.
+
+    A held-out photo gives no training rows; a training photo keeps its rows above the bottom band of
+    ``HELD_OUT_CROP + HELD_OUT_MARGIN`` rows. The two crops come from the band's last ``HELD_OUT_CROP`` rows
+    (a held-out photo's: its middle rows), one from each half of the width: the most detailed window of
+    that half (flat black corners, as in ``retina``, would score an infinite PSNR and say nothing).
+    """
+    height, width = photo.shape[:2]
+    size = HELD_OUT_CROP
+    if name in DEMO_VAL:
+        kept, top = None, (height - size) // 2
+    else:
+        kept, top = height - size - HELD_OUT_MARGIN, height - size
+    band = photo[top:top + size].astype(np.float64).mean(axis=2)
+    column_detail = np.abs(np.diff(band, axis=1)).sum(axis=0)  # column x: |band[:, x + 1] - band[:, x]|
+    window = np.convolve(column_detail, np.ones(size - 1), mode="valid")  # detail of the window starting at x
+    boxes = {}
+    for side, (low, high) in (("left", (0, width // 2 - size)), ("right", (width // 2, width - size))):
+        boxes[f"{name}-{side}"] = (top, low + int(np.argmax(window[low:high + 1:4])) * 4)
+    return kept, boxes
+
+
+def held_out_split(name: str, photo: np.ndarray) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """``(training part or None, {key: held-out crop})`` of one demo photo (:func:`held_out_boxes`)."""
+    kept, boxes = held_out_boxes(name, photo)
+    size = HELD_OUT_CROP
+    crops = {key: photo[top:top + size, left:left + size] for key, (top, left) in boxes.items()}
+    return (None if kept is None else photo[:kept]), crops
+
+
 def write_demo_images(root: Path) -> tuple[Path, Path]:
-    """Save the demo photos as PNG under ``root/train`` and ``root/val`` (once; the files are reused)."""
+    """Save the training parts under ``root/train`` and the held-out crops under ``root/val`` as PNG (once)."""
     from PIL import Image
 
-    for split, names in (("train", DEMO_TRAIN), ("val", DEMO_VAL)):
-        for name in names:
-            path = root / split / f"{name}.png"
-            if not path.exists():
-                buffer = io.BytesIO()
-                Image.fromarray(demo_photo(name)).save(buffer, format="PNG")
-                atomic_write_bytes(path, buffer.getvalue())
+    from samdiffsr.cli import UserError
+
+    if (root / "val" / "chelsea.png").exists():  # the layout before the held-out crops: whole photos
+        raise UserError(f"{root.parent} holds demo shards of an older layout (2 whole held-out photos); "
+                        f"remove it (rm -r {root.parent}) and rerun")
+
+    def save(path: Path, image: np.ndarray) -> None:
+        if not path.exists():
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
+
+    for name in (*DEMO_TRAIN, *DEMO_VAL):
+        if all((root / "val" / f"{name}-{side}.png").exists() for side in ("left", "right")) and (
+                name in DEMO_VAL or (root / "train" / f"{name}.png").exists()):
+            continue
+        kept, crops = held_out_split(name, demo_photo(name))
+        if kept is not None:
+            save(root / "train" / f"{name}.png", kept)
+        for key, crop in crops.items():
+            save(root / "val" / f"{key}.png", crop)
     return root / "train", root / "val"
 
 

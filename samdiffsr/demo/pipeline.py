@@ -2,8 +2,9 @@
 
     demo shards (scikit-image / matplotlib photos, Felzenszwalb masks)  ->  RRDB pretraining (2 ranks)
     ->  modulated-diffusion training on the frozen RRDB (2 ranks, DeepSpeed; CPU when there is no GPU)
-    ->  benchmark sweep over the checkpoints it wrote, on two held-out photos, against plain bicubic
-    ->  three rows side by side (bicubic, the RRDB alone, SAM-DiffSR), a verdict and a comparison picture.
+    ->  benchmark sweep over the checkpoints it wrote, on 26 held-out crops, against plain bicubic
+    ->  three rows side by side (bicubic, the RRDB alone, SAM-DiffSR), paired differences with 95% intervals,
+        a verdict and a comparison picture.
 
 ``--long`` trains longer (configs/demo_long.yaml, demo_rrdb_long.yaml). Every stage resumes: rerunning the
 command skips finished shards, continues (or skips) finished training runs from their latest checkpoint,
@@ -119,7 +120,7 @@ def run_demo(settings: DemoSettings) -> Path:
     # The paper's 100-step chain on whole photos takes minutes per image on a CPU; the demo samples with
     # fewer network calls (benchmark.py without --sampler/--steps runs the full chain).
     sampler = f"{settings.bench_sampler}, {settings.bench_steps} steps, eta {settings.bench_eta:g}"
-    _banner(f"4/5 benchmark: every checkpoint vs bicubic on the held-out photos ({sampler})")
+    _banner(f"4/5 benchmark: every checkpoint vs bicubic on the held-out images ({sampler})")
     # One folder per sampler setting: a rerun with another --bench-* resumes nothing it should not.
     out = sr_run / f"benchmark-{settings.bench_sampler}{settings.bench_steps}-eta{settings.bench_eta:g}"
     argv = ["--run", str(sr_run), "--ckpts", "all", "--sets", f"demo_val={shards_dir / 'val'}",
@@ -148,18 +149,12 @@ def run_demo(settings: DemoSettings) -> Path:
 
 
 def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: str) -> tuple[str, Path]:
-    """The three rows and the verdict (also written to ``out/demo.md``), and the comparison picture."""
+    """The three rows, the paired differences and the verdict (also written to ``out/demo.md``), and the
+    comparison picture."""
     from samdiffsr.config import load_config
     from samdiffsr.data.pairs import load_share
-    from samdiffsr.demo.report import (
-        best_checkpoint,
-        checkpoint_scores,
-        comparison_picture,
-        mean_metrics,
-        rrdb_outputs,
-        side_by_side,
-        verdict,
-    )
+    from samdiffsr.demo import report
+    from samdiffsr.evaluation.results import ResultStore
     from samdiffsr.evaluation.sets import parse_set
     from samdiffsr.evaluation.tiling import lr_multiple
     from samdiffsr.images import read_image
@@ -167,18 +162,27 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
     model = load_config(sr_run / "config.yaml").model
     scale = model.sr_scale
     _, pairs = load_share(parse_set(f"demo_val={val}"), scale, scale * lr_multiple(model))
-    scores = checkpoint_scores(out / "results.csv")
-    best = best_checkpoint(scores)
-    rrdb = mean_metrics(rrdb_outputs(rrdb_weights, pairs, num_feat=model.rrdb_num_feat,
-                                     num_block=model.rrdb_num_block, growth=model.rrdb_growth, scale=scale),
-                        pairs, scale)
+    scores = report.checkpoint_scores(out / "results.csv")
+    best = report.best_checkpoint(scores)
+    results = ResultStore(out)
+    per_image = {name: {key: rec["metrics"] for key, rec in results.records(name, "demo_val").items()}
+                 for name in ("bicubic", best)}
+    per_image["rrdb"] = report.per_image_metrics(
+        report.rrdb_outputs(rrdb_weights, pairs, num_feat=model.rrdb_num_feat, num_block=model.rrdb_num_block,
+                            growth=model.rrdb_growth, scale=scale), pairs, scale)
     label = f"SAM-DiffSR {best}"
-    table = side_by_side([("bicubic", scores["bicubic"]), ("RRDB alone (regression)", rrdb),
-                          (f"{label} ({sampler})", scores[best])])
-    text = f"{table}\n\n{verdict(best, scores[best], scores['bicubic'])}"
+    table = report.side_by_side([("bicubic", scores["bicubic"]),
+                                 ("RRDB alone (regression)", report.mean_metrics(per_image["rrdb"])),
+                                 (f"{label} ({sampler})", scores[best])])
+    vs_bicubic = report.paired_differences(per_image[best], per_image["bicubic"])
+    vs_rrdb = report.paired_differences(per_image[best], per_image["rrdb"])
+    lines = [report.difference_line(label, "bicubic", vs_bicubic),
+             report.difference_line(label, "RRDB alone", vs_rrdb), report.verdict(vs_bicubic)]
+    text = table + "\n\n" + "\n".join(lines)
     (out / "demo.md").write_text(text + "\n")
     srs = [read_image(out / "images" / best / "demo_val" / f"{p.key}.png")[0] for p in pairs]
-    picture = comparison_picture(out / "comparison.png", pairs, srs, label, scale)
+    shown = pairs[:4]  # a picture of every held-out image would be too tall to read
+    picture = report.comparison_picture(out / "comparison.png", shown, srs[:len(shown)], label, scale)
     return text, picture
 
 

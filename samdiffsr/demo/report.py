@@ -4,6 +4,9 @@
     RRDB alone (regression)  the frozen LR encoder's own output: the regression baseline
     SAM-DiffSR <checkpoint>  one diffusion sample per image from the best checkpoint
 
+then SAM-DiffSR minus bicubic and minus the RRDB alone as mean paired differences over the held-out images
+with 95% bootstrap intervals, and the verdict: "beats bicubic" only where both intervals lie above 0.
+
 Every figure uses the benchmark's pairs and metrics (BasicSR protocol: Y channel, border = scale).
 """
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from samdiffsr.data.pairs import Pair
 from samdiffsr.evaluation.metrics import pixel_metrics
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean
 from samdiffsr.imresize import imresize
 from samdiffsr.models.inputs import prepare_lr, to_uint8
 from samdiffsr.models.rrdb import RRDBNet
@@ -54,9 +58,15 @@ def rrdb_outputs(weights: Path, pairs: list[Pair], *, num_feat: int, num_block: 
     return [to_uint8(rrdb(prepare_lr(pair.lr, scale, 255.0, 1, torch.device("cpu"))[0])[0]) for pair in pairs]
 
 
-def mean_metrics(srs: list[np.ndarray], pairs: list[Pair], scale: int) -> dict[str, float]:
-    per_image = [pixel_metrics(sr, p.hr, scale) for sr, p in zip(srs, pairs, strict=True)]
-    return {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+def per_image_metrics(srs: list[np.ndarray], pairs: list[Pair], scale: int) -> dict[str, dict[str, float]]:
+    """``{image key: {metric: value}}`` of SR images against their pairs' HR."""
+    return {p.key: pixel_metrics(sr, p.hr, scale) for sr, p in zip(srs, pairs, strict=True)}
+
+
+def mean_metrics(per_image: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of every metric over the images of ``per_image``."""
+    first = next(iter(per_image.values()))
+    return {k: float(np.mean([m[k] for m in per_image.values()])) for k in first}
 
 
 def side_by_side(rows: list[tuple[str, dict[str, float]]], metrics: tuple[str, ...] = TABLE_METRICS) -> str:
@@ -68,14 +78,35 @@ def side_by_side(rows: list[tuple[str, dict[str, float]]], metrics: tuple[str, .
     return "\n".join(lines)
 
 
-def verdict(name: str, sr: dict[str, float], bicubic: dict[str, float]) -> str:
-    """One line: does the best checkpoint beat bicubic in both PSNR-Y and SSIM-Y?"""
-    dp, ds = sr["psnr_y"] - bicubic["psnr_y"], sr["ssim_y"] - bicubic["ssim_y"]
-    figures = (f"{sr['psnr_y']:.2f} vs {bicubic['psnr_y']:.2f} dB PSNR-Y ({dp:+.2f}), "
-               f"{sr['ssim_y']:.4f} vs {bicubic['ssim_y']:.4f} SSIM-Y ({ds:+.4f})")
-    if dp > 0 and ds > 0:
-        return f"training beats bicubic: {name} {figures}"
-    return f"training has not beaten bicubic in both metrics yet: {name} {figures}"
+def paired_differences(method: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
+                       metrics: tuple[str, ...] = TABLE_METRICS) -> dict[str, PairedDifference]:
+    """``method - baseline`` per metric: the mean over the images both scored, with its 95% bootstrap interval
+    (the ablation's statistics, one seed)."""
+    keys = sorted(method.keys() & baseline.keys())
+    if len(keys) != len(method) or len(keys) != len(baseline):
+        raise ValueError(f"the two methods scored different images: {sorted(method.keys() ^ baseline.keys())}")
+    return {m: bootstrap_mean(np.array([[method[k][m] - baseline[k][m] for k in keys]])) for m in metrics}
+
+
+def describe_difference(metric: str, diff: PairedDifference) -> str:
+    """``PSNR-Y +0.061 dB [-0.020, +0.140]``: three decimals for dB, four for SSIM."""
+    if metric.startswith("ssim"):
+        return f"SSIM-Y {diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+    return f"PSNR-Y {diff.mean:+.3f} dB [{diff.low:+.3f}, {diff.high:+.3f}]"
+
+
+def difference_line(name: str, baseline: str, diffs: dict[str, PairedDifference]) -> str:
+    """One line: ``name - baseline`` in every metric, with intervals and the number of images."""
+    images = next(iter(diffs.values())).images
+    figures = ", ".join(describe_difference(m, d) for m, d in diffs.items())
+    return f"{name} - {baseline}: {figures} (mean over {images} held-out images, 95% bootstrap interval)"
+
+
+def verdict(vs_bicubic: dict[str, PairedDifference]) -> str:
+    """Does SAM-DiffSR beat bicubic? Only where every interval lies above 0."""
+    if all(d.low > 0 for d in vs_bicubic.values()):
+        return "training beats bicubic: in PSNR-Y and SSIM-Y, both intervals above 0"
+    return "training has not beaten bicubic in both metrics yet: an interval includes 0 or lies below it"
 
 
 def detail_window(hr: np.ndarray, size: int) -> tuple[int, int]:
