@@ -2,9 +2,13 @@
 
 A *user error* is something the person running the command can fix (a bad option, config key or value, a
 missing or unreadable input file, a file that is not a checkpoint): it is printed as one line,
-``PROG: error: message``, by rank 0 only, and exits with :data:`EXIT_USAGE`. Anything else is a bug and
-keeps its traceback. Library exceptions opt in by subclassing :class:`UserError`; an expected failure with
-a clear message (a demo stage, training stopped by too many NaN/Inf losses) sets ``exit_code = EXIT_FAILED``.
+``PROG: error: message``, once per job, and exits with :data:`EXIT_USAGE`. Before a process group exists
+every rank sees the same error and rank 0 prints it; in a group of several ranks the first rank to report an
+error prints it (`samdiffsr.distributed.claim_error_report`), whichever rank that is, and a rank that then
+fails because that rank is gone exits with the same status, silently (`PeerFailure`, `peer_error_code`).
+Anything else is a bug and keeps its traceback. Library exceptions opt in by subclassing :class:`UserError`;
+an expected failure with a clear message (a demo stage, training stopped by too many NaN/Inf losses) sets
+``exit_code = EXIT_FAILED``.
 
 Exit codes (the README's table):
 
@@ -27,7 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from samdiffsr.distributed import process_rank
+from samdiffsr.distributed import claim_error_report, peer_error_code
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1
@@ -48,9 +52,29 @@ class UserError(Exception):
     exit_code = EXIT_USAGE
 
 
-def fail(prog: str, message: str, code: int = EXIT_USAGE, kind: str = "error") -> int:
-    """Print ``PROG: kind: message`` on one line (rank 0 only) and return ``code``."""
-    if process_rank() == 0:
+class PeerFailure(UserError):
+    """Another rank failed, and says why; this rank exits with that rank's status and prints nothing."""
+
+    def __init__(self, rank: int, exit_code: int) -> None:
+        super().__init__(f"rank {rank} failed")
+        self.rank, self.exit_code = rank, exit_code
+
+
+_REPORT_HERE = "_samdiffsr_report_here"
+
+
+def report_on_this_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as this rank's alone (the ranks agreed on it): it is printed here, whatever the rank."""
+    setattr(exc, _REPORT_HERE, True)
+    return exc
+
+
+def fail(prog: str, message: str, code: int = EXIT_USAGE, kind: str = "error", here: bool = False) -> int:
+    """Print ``PROG: kind: message`` on one line (once per job: see the module) and return ``code``.
+
+    ``here``: print on this rank, whatever its rank (the ranks agreed that it reports the error).
+    """
+    if here or claim_error_report(code):
         print(f"{prog}: {kind}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     return code
 
@@ -66,8 +90,10 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> int:
     """Run a command's ``main`` and turn user errors, a full disk and Ctrl-C into one line and an exit code."""
     try:
         return main() or EXIT_OK
+    except PeerFailure as exc:
+        return exc.exit_code
     except UserError as exc:
-        return fail(prog, str(exc), exc.exit_code)
+        return fail(prog, str(exc), exc.exit_code, here=getattr(exc, _REPORT_HERE, False))
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         return fail(prog, describe_os_error(exc))
     except OSError as exc:
@@ -77,6 +103,13 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> int:
         return fail(prog, f"no space left on device{where}", EXIT_NO_SPACE)
     except KeyboardInterrupt:
         return fail(prog, "rerun the same command to resume", EXIT_INTERRUPTED, kind="interrupted")
+    except Exception:
+        # A collective failing because another rank ended with an error it printed: that rank's status,
+        # without this rank's traceback (which would only say that the peer is gone).
+        code = peer_error_code()
+        if code is None:
+            raise
+        return code
 
 
 class ArgumentParser(argparse.ArgumentParser):

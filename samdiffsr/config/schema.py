@@ -96,7 +96,11 @@ class TrainConfig:
     log_every: int = 100
     val_every: int = 4000
     val_crop: int = 0  # validation: centre-crop each held-out HR image to at most this size (0: whole)
-    val_steps: int = 0  # validation sampler: 0 = the full T-step DDPM, fewer = respaced DDIM steps
+    # Validation sampler (models/samplers.py): by default the fast one of bench/RESULTS.md "Samplers",
+    # respaced ancestral sampling (ddim, 10 steps, eta 1); ddpm with val_steps=0 is the paper's T-step chain.
+    val_sampler: str = "ddim"  # ddpm | ddim | dpmpp_2m
+    val_steps: int = 10  # 0: all T steps
+    val_eta: float = 1.0  # ddim: 0 deterministic, 1 ancestral
     max_bad_steps: int = 20  # NaN/Inf losses in a row before the run stops
     channels_last: bool = False
     compile: bool = False

@@ -25,6 +25,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.patch_size': {d.patch_size} is not a multiple of "
                           f"model.sr_scale={m.sr_scale}")
     _check_ranges(cfg)
+    _check_val_sampler(cfg)
 
 
 def _at_least(key: str, value: float, low: float, meaning: str = "") -> None:
@@ -63,3 +64,13 @@ def _check_ranges(cfg: Config) -> None:
                        ("train.ema_decay", t.ema_decay)):
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {value:g}")
+
+def _check_val_sampler(cfg: Config) -> None:
+    """The validation sampler: a known one, and the ddpm chain only over all T steps."""
+    m, t = cfg.model, cfg.train
+    _check_choice("train.val_sampler", t.val_sampler, ("ddpm", "ddim", "dpmpp_2m"))
+    if t.val_sampler == "ddpm" and 0 < t.val_steps < m.timesteps:
+        raise ConfigError(f"config keys 'train.val_sampler' and 'train.val_steps': the ddpm sampler runs all "
+                          f"model.timesteps={m.timesteps} steps; set train.val_steps=0, or train.val_sampler=ddim")
+    if not 0 <= t.val_eta <= 1:
+        raise ConfigError(f"config key 'train.val_eta': must be in [0, 1], got {t.val_eta:g}")

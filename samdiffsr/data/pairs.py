@@ -150,25 +150,33 @@ def _as_batch(pair: Pair) -> dict[str, Any]:
     mask = pair.mask if pair.mask is not None else np.zeros(pair.hr.shape[:2], np.float32)
     return {
         "key": pair.key,
+        "index": pair.index,
         "hr": torch.from_numpy(np.array(pair.hr)).permute(2, 0, 1)[None],
         "lr": torch.from_numpy(np.array(pair.lr)).permute(2, 0, 1)[None],
         "mask": torch.from_numpy(np.array(mask, np.float32))[None, None],
     }
 
 
-def load_val_images(source: str, limit: int, scale: int) -> list[dict[str, Any]]:
-    """The first ``limit`` images (all when ``limit <= 0``) of ``source`` as batches of one, in a fixed order.
+def load_val_images(source: str, limit: int, scale: int, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+    """This rank's share (positions ``i % world == rank``) of the first ``limit`` images (all when
+    ``limit <= 0``) of ``source``, as batches of one, in a fixed order; a folder image outside the share is
+    not read.
 
     Each in the training stream's layout (``hr`` 1 x 3 x H x W uint8, ``lr`` 1 x 3 x H/s x W/s uint8,
-    ``mask`` 1 x 1 x H x W float32, plus ``key``), so `models.inputs.to_model_inputs` applies unchanged.
-    Folder images have an all-zero mask (masks only shape the training noise).
+    ``mask`` 1 x 1 x H x W float32, plus ``key`` and ``index``, the position in the set), so
+    `models.inputs.to_model_inputs` applies unchanged. Folder images have an all-zero mask (masks only shape
+    the training noise).
     """
     kind = source_kind(source)
-    out = []
-    for _, _, pair in islice(read_pairs(source, kind, scale, what="validation image"), limit if limit > 0 else None):
+    out, seen = [], 0
+    images = read_pairs(source, kind, scale, lambda i: i % world == rank, what="validation image")
+    for _, _, pair in islice(images, limit if limit > 0 else None):
+        seen += 1
+        if pair is None:
+            continue
         if pair.hr.shape[0] != pair.lr.shape[0] * scale:
             raise ValueError(f"validation sample {pair.key} is not a x{scale} pair")
         out.append(_as_batch(pair))
-    if kind == "folder" and not out:
+    if kind == "folder" and not seen:
         raise FileNotFoundError(f"no shards (*.tar) in folder {source}")
     return out

@@ -22,7 +22,7 @@ from samdiffsr.data.pairs import load_val_images
 from samdiffsr.data.stream import TrainStream
 from samdiffsr.train import checkpoints
 from samdiffsr.train.build import build_ema, build_trainer
-from samdiffsr.train.collective import init_distributed
+from samdiffsr.train.collective import agree, init_distributed
 from samdiffsr.train.logs import RunLog, train_log
 from samdiffsr.train.loop import train_loop
 from samdiffsr.train.resume import RunState, resume, resume_points
@@ -42,8 +42,10 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     stream = TrainStream(cfg.data, batch_size=trainer.micro, scale=cfg.model.sr_scale, seed=settings.seed,
                          rank=rank, world_size=world_size, pin_memory=device.type == "cuda",
                          worker_ignores=STOP_SIGNALS)
-    val_set = (load_val_images(cfg.data.val_shards, cfg.data.val_images, cfg.model.sr_scale)
-               if rank == 0 and cfg.data.val_shards and settings.val_every > 0 else [])
+    # Every rank its share of the held-out images (train/validation.py); one rank's unreadable image ends all.
+    val_set = (agree(lambda: load_val_images(cfg.data.val_shards, cfg.data.val_images, cfg.model.sr_scale, rank,
+                                             world_size))
+               if cfg.data.val_shards and settings.val_every > 0 else None)
     runlog = RunLog(cfg, enabled=rank == 0, start_step=run.step, max_steps=settings.max_steps,
                     global_batch=trainer.micro * trainer.accum * world_size)
     runlog.message(f"{settings.task}: {run.describe()}; {world_size} rank(s) x micro batch {trainer.micro} x "

@@ -25,7 +25,7 @@ from samdiffsr.train.logs import RunLog
 from samdiffsr.train.nonfinite import NonFiniteSteps
 from samdiffsr.train.resume import RunState, save
 from samdiffsr.train.step import train_step
-from samdiffsr.train.validation import validate
+from samdiffsr.train.validation import ValSampler, validate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Logged:
     data_errors: dict[str, int] = field(default_factory=dict)
 
 
-def train_loop(trainer: Trainer, run: RunState, *, stream: TrainStream, val_set: list[dict[str, Any]],
+def train_loop(trainer: Trainer, run: RunState, *, stream: TrainStream, val_set: list[dict[str, Any]] | None,
                runlog: RunLog, ckpts: Checkpoints, stop_requested: Callable[[], bool] | None) -> dict[str, Any]:
     """Train from ``run`` on; returns the summary (also written as ``summary.json``)."""
     settings = trainer.cfg.train
@@ -64,7 +64,7 @@ def train_loop(trainer: Trainer, run: RunState, *, stream: TrainStream, val_set:
             paused = time.perf_counter()
             if checkpoint_now:
                 save(trainer, ckpts, run)
-            if val_set and run.step % settings.val_every == 0:
+            if val_set is not None and run.step % settings.val_every == 0:  # this rank's share (maybe empty)
                 validate_weights(trainer, val_set, runlog, run.step)
             runlog.exclude(time.perf_counter() - paused)
         if run.last_saved != run.step:
@@ -117,10 +117,13 @@ def validate_weights(trainer: Trainer, val_set: list[dict[str, Any]], runlog: Ru
     if ema is not None:
         net = copy.deepcopy(net)
         net.load_state_dict(ema.full_state(trainer.net))
-    metrics, images = validate(net, settings.task, val_set, device=trainer.device, scale=model.sr_scale,
-                               lr_up_divisor=model.lr_up_divisor, seed=settings.seed, crop=settings.val_crop,
-                               steps=settings.val_steps, autocast_dtype=autocast_dtype(settings.precision))
-    runlog.validation(step, metrics, images)
+    sampler = ValSampler(settings.val_sampler, settings.val_steps, settings.val_eta)
+    done = validate(net, settings.task, val_set, device=trainer.device, scale=model.sr_scale,
+                    lr_up_divisor=model.lr_up_divisor, seed=settings.seed, crop=settings.val_crop, sampler=sampler,
+                    autocast_dtype=autocast_dtype(settings.precision))
+    runlog.validation(step, done.metrics, done.images)
+    runlog.message(f"validation step {step}: {sum(done.per_rank)} held-out images, per rank "
+                   + " ".join(str(n) for n in done.per_rank))
 
 
 def summarize(trainer: Trainer, run: RunState, logged: Logged, nonfinite: NonFiniteSteps,
