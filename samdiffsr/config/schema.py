@@ -89,6 +89,12 @@ class TrainConfig:
     rrdb_ckpt: str = ""  # weights for the frozen LR encoder (ours or the authors' layout)
     freeze_rrdb: bool = True
     ema_decay: float = 0.0  # 0 disables the EMA (the paper uses none)
+    # Convergence levers (docs/training.md, "Convergence levers"), each off by default (the paper's training).
+    # Training-only, so they may change on resume (model.* may not).
+    ema_warmup_power: float = 0.0  # EMA decay min(ema_decay, 1 - (1 + t)^-power) at applied update t; 0 = off
+    snr_gamma: float = 0.0  # Min-SNR-gamma weighting of each sample's loss (5 in the paper); 0 = off
+    timestep_sampling: str = "uniform"  # uniform (the paper) | low_noise: p(t) ~ (T - t)^timestep_power
+    timestep_power: float = 1.0  # k of the low_noise density (> 0)
     ckpt_every: int = 2000
     keep_last: int = 3
     keep_every: int = 0  # also keep every M-th step (0: none)

@@ -25,6 +25,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.patch_size': {d.patch_size} is not a multiple of "
                           f"model.sr_scale={m.sr_scale}")
     _check_ranges(cfg)
+    _check_levers(cfg)
     _check_val_sampler(cfg)
 
 
@@ -64,6 +65,19 @@ def _check_ranges(cfg: Config) -> None:
                        ("train.ema_decay", t.ema_decay)):
         if not 0 <= value < 1:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {value:g}")
+
+
+def _check_levers(cfg: Config) -> None:
+    """The convergence levers (docs/training.md): their ranges, and a warm-up needs an EMA to warm up."""
+    t = cfg.train
+    _check_choice("train.timestep_sampling", t.timestep_sampling, ("uniform", "low_noise"))
+    _at_least("train.snr_gamma", t.snr_gamma, 0, " (0: no Min-SNR weighting)")
+    _at_least("train.ema_warmup_power", t.ema_warmup_power, 0, " (0: no EMA warm-up)")
+    if not t.timestep_power > 0:
+        raise ConfigError(f"config key 'train.timestep_power': must be > 0, got {t.timestep_power:g}")
+    if t.ema_warmup_power and not t.ema_decay:
+        raise ConfigError("config keys 'train.ema_warmup_power' and 'train.ema_decay': the EMA warm-up needs an "
+                          "EMA (train.ema_decay > 0)")
 
 def _check_val_sampler(cfg: Config) -> None:
     """The validation sampler: a known one, and the ddpm chain only over all T steps."""

@@ -4,11 +4,15 @@ Residual mode: the diffusion runs on x0 = (HR - bicubic_up(LR)) * res_rescale, c
 Training (SAM-DiffSR): the SPE mask map m is added to the Gaussian noise, scaled per timestep,
     eps' = eps + m * sqrt(1 - abar_t) * beta_t,      x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps',
 and the UNet learns to predict eps'. Sampling (`samplers.py`) uses no mask: the plain reverse process.
+Training-only levers (`TrainingLevers`: Min-SNR-gamma weighting, low-noise timestep sampling) change only
+`training_loss`; their formulas are in docs/training.md, "Convergence levers".
 
 Buffer names follow the authors' code so their checkpoints load key for key.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +39,20 @@ def linear_beta_schedule(timesteps: int, beta_end: float = 0.02, beta_start: flo
     betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
     betas[-1] = 0.999  # residual mode: make x_T pure noise, as the authors do
     return betas
+
+
+def low_noise_timestep_probabilities(timesteps: int, power: float) -> np.ndarray:
+    """p(t) = (T - t)^k / sum_s (T - s)^k over t = 0..T-1 (t = 0 the least noise); k = 0 is uniform."""
+    weights = np.arange(timesteps, 0, -1, dtype=np.float64) ** power
+    return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class TrainingLevers:
+    """Training-only changes to the loss (the train.* keys of the same names); the defaults are the paper's."""
+
+    snr_gamma: float = 0.0  # Min-SNR-gamma weighting of each sample's loss; 0: unweighted
+    timestep_power: float = 0.0  # k of p(t) ~ (T - t)^k, toward the low-noise end; 0: uniform
 
 
 def _extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -119,17 +137,17 @@ class GaussianDiffusion(nn.Module):
 
     def training_loss(self, img_hr: torch.Tensor, img_lr: torch.Tensor, img_lr_up: torch.Tensor,
                       mask: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      levers: TrainingLevers | None = None) -> torch.Tensor:
         """The diffusion loss |eps' - eps_theta(x_t, t, LR)| (L1, or L2) averaged over the batch.
 
         Images are B x 3 x H x W in [-1, 1] (LR at H/s); ``t`` (B,) and ``noise`` (like HR) may be
-        given for reproducible tests, otherwise drawn from ``generator``.
+        given for reproducible tests, otherwise drawn from ``generator``. ``levers``: how ``t`` is drawn
+        and each sample's loss weighted (None: the paper's uniform draw and plain mean).
         """
-        b = img_hr.shape[0]
+        levers = levers or TrainingLevers()
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (b,), generator=generator,
-                              device=generator.device if generator else img_hr.device).to(img_hr.device)
+            t = self.draw_timesteps(img_hr.shape[0], generator, img_hr.device, levers.timestep_power)
         if noise is None:
             noise = torch.randn(img_hr.shape, generator=generator, dtype=img_hr.dtype,
                                 device=generator.device if generator else img_hr.device).to(img_hr.device)
@@ -138,9 +156,38 @@ class GaussianDiffusion(nn.Module):
         target = self.modulated_noise(noise, mask, t)
         x_t = self.q_sample(x0, t, target)
         pred = self.denoise_fn(x_t, t, cond)
+        if not levers.snr_gamma:  # the paper's loss, computed exactly as before
+            if self.cfg.loss_type == "l1":
+                return (target - pred).abs().mean()
+            return F.mse_loss(pred, target)
+        error = (target - pred).abs() if self.cfg.loss_type == "l1" else (target - pred) ** 2
+        per_sample = error.flatten(1).mean(1)
+        return (self.min_snr_weights(t, levers.snr_gamma).to(per_sample.dtype) * per_sample).mean()
+
+    def draw_timesteps(self, batch: int, generator: torch.Generator | None, device: torch.device,
+                       power: float = 0.0) -> torch.Tensor:
+        """``batch`` timesteps: uniform (``power`` 0, the paper's draw) or p(t) ~ (T - t)^power.
+
+        Drawn on the generator's device, then moved, so that a CPU generator gives the same draws anywhere.
+        """
+        source = generator.device if generator else device
+        if not power:
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=source).to(device)
+        probs = torch.tensor(low_noise_timestep_probabilities(self.num_timesteps, power), device=source)
+        return torch.multinomial(probs, batch, replacement=True, generator=generator).to(device)
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights at timesteps ``t``: min(SNR_t, gamma) / SNR_t for L2, its square root for L1.
+
+        SNR_t = abar_t / (1 - abar_t) = 1 / sqrt_recipm1_alphas_cumprod[t]^2; that buffer was computed in float64,
+        so small 1 - abar_t (the low-noise end, where the weights are < 1) keeps its precision in float32.
+        L1: an L1 on the noise is sqrt(SNR_t) times an L1 on x0 (x0 - x0_hat = (eps' - eps_hat) / sqrt(SNR_t)),
+        so clamping the x0 weight at sqrt(gamma) gives min(sqrt(SNR_t), sqrt(gamma)) / sqrt(SNR_t).
+        """
+        inv_sqrt_snr = self.sqrt_recipm1_alphas_cumprod[t]
         if self.cfg.loss_type == "l1":
-            return (target - pred).abs().mean()
-        return F.mse_loss(pred, target)
+            return (gamma**0.5 * inv_sqrt_snr).clamp(max=1.0)
+        return (gamma * inv_sqrt_snr**2).clamp(max=1.0)
 
     # --- reverse process: what `samplers.Diffusion` names, used by the samplers ----------------
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

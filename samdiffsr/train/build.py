@@ -15,6 +15,7 @@ from torch import nn
 from samdiffsr.config import Config, ConfigError, TrainConfig, deep_merge
 from samdiffsr.distributed import derive_seed
 from samdiffsr.models import build_model, load_rrdb_weights
+from samdiffsr.models.diffusion import TrainingLevers
 from samdiffsr.models.inputs import PRECISION_DTYPES
 from samdiffsr.train.ema import EMA
 from samdiffsr.train.nonfinite import GuardedUpdate
@@ -71,15 +72,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 class TrainingObjective(nn.Module):
     """The trained network with its loss as ``forward``, so that DeepSpeed's autocast covers it."""
 
-    def __init__(self, net: nn.Module, task: str) -> None:
+    def __init__(self, net: nn.Module, task: str, levers: TrainingLevers | None = None) -> None:
         super().__init__()
-        self.net, self.task = net, task
+        self.net, self.task, self.levers = net, task, levers
 
     def forward(self, img_hr: torch.Tensor, img_lr: torch.Tensor, img_lr_up: torch.Tensor,
                 mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.task == "rrdb":  # RRDB pretraining: L1 of rrdb(LR) against HR
             return F.l1_loss(self.net(img_lr).float(), img_hr)
-        return self.net.training_loss(img_hr, img_lr, img_lr_up, mask, generator=generator).float()
+        return self.net.training_loss(img_hr, img_lr, img_lr_up, mask, generator=generator,
+                                      levers=self.levers).float()
 
 
 def check_rrdb_weights(settings: TrainConfig) -> None:
@@ -136,7 +138,9 @@ def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device,
     settings, optim = cfg.train, cfg.optim
     torch.manual_seed(settings.seed)
     net = build_network(cfg, load_rrdb=load_rrdb)
-    objective = TrainingObjective(net, settings.task).to(device)
+    levers = TrainingLevers(snr_gamma=settings.snr_gamma,  # the loss levers (docs/training.md)
+                            timestep_power=settings.timestep_power if settings.timestep_sampling == "low_noise" else 0)
+    objective = TrainingObjective(net, settings.task, levers).to(device)
     if settings.compile:  # in place: parameter names (and so checkpoints) stay the same
         (net if settings.task == "rrdb" else net.denoise_fn).compile()
     trainable = [p for p in objective.parameters() if p.requires_grad]
@@ -158,12 +162,14 @@ def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device,
                    micro=engine.train_micro_batch_size_per_gpu(), accum=engine.gradient_accumulation_steps())
 
 
-def build_ema(net: nn.Module, decay: float, saved: dict[str, torch.Tensor] | None) -> EMA | None:
+def build_ema(net: nn.Module, decay: float, saved: dict[str, torch.Tensor] | None, warmup_power: float = 0.0,
+              steps_done: int = 0) -> EMA | None:
     """The EMA of the trainable weights (None when ``decay`` is 0), from ``saved`` when a checkpoint had one.
 
-    Built once a checkpoint is loaded: a fresh EMA starts from the loaded weights.
+    Built once a checkpoint is loaded: a fresh EMA starts from the loaded weights. A checkpoint saved before the
+    EMA counted its updates resumes the warm-up at ``steps_done`` (the steps run, skipped ones included).
     """
-    ema = EMA(net, decay) if decay > 0 else None
+    ema = EMA(net, decay, warmup_power) if decay > 0 else None
     if ema is not None and saved:
-        ema.load_state_dict(saved)
+        ema.load_state_dict(saved, updates_if_absent=steps_done)
     return ema

@@ -37,7 +37,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device,
     points = resume_points(settings.resume, ckpts.dir, rank)
     trainer = build_trainer(cfg, rank, world_size, device, load_rrdb=not points)
     run, saved_ema = resume(trainer, points) if points else (RunState(), None)
-    trainer.ema = build_ema(trainer.net, settings.ema_decay, saved_ema)
+    trainer.ema = build_ema(trainer.net, settings.ema_decay, saved_ema, settings.ema_warmup_power, run.step)
 
     stream = TrainStream(cfg.data, batch_size=trainer.micro, scale=cfg.model.sr_scale, seed=settings.seed,
                          rank=rank, world_size=world_size, pin_memory=device.type == "cuda",

@@ -46,6 +46,6 @@ def train_step(trainer: Trainer, batches: Iterator[tuple[dict, tuple[int, int]]]
     grad_norm = trainer.update.grad_norm(trainer.trainable) if with_grad_norm else None
     applied = trainer.update.step(skipped)
     if trainer.ema is not None:
-        trainer.ema.update((1.0 - trainer.ema.decay) * applied.float())
+        trainer.ema.step(applied)  # decay (or its warm-up), nothing when the update was skipped
     return StepOutcome(loss=stats[0] / (trainer.accum * trainer.world_size), skipped=skipped, grad_norm=grad_norm,
                        data_wait=data_wait, position=position)
