@@ -1,11 +1,13 @@
-"""Training checkpoints: layout, the `latest` commit, retention, resume resolution and RNG state.
+"""Training checkpoints: layout, the `latest` commit, retention, rollbacks and resume resolution.
 
 Layout of a run folder::
 
-    run_dir/checkpoints/latest                  the tag of the newest COMPLETE checkpoint (atomic rename)
-    run_dir/checkpoints/step00001000/           DeepSpeed's files (model, optimizer, scheduler, client state)
+    run_dir/checkpoints/latest                  the tag of the run's checkpoint to resume from (atomic rename)
+    run_dir/checkpoints/step00001000/           DeepSpeed's files (model, optimizer, client state)
+        optimizer_full.pt                        Adam's state per parameter name (any world size / ZeRO stage)
         rng_rank0.pt, rng_rank1.pt, ...          per-rank RNG states (DeepSpeed keeps client state of rank 0 only)
-        complete.json                            written last, by rank 0: step, world size, config
+        complete.json                            written last, by rank 0: step, world size, ZeRO stage, config
+    run_dir/checkpoints/abandoned-step00000800-<time>/   newer checkpoints set aside by a rollback
     run_dir/weights/step00001000.pt              plain weights (model + EMA, no optimizer) via save_weights
     run_dir/weights/latest.pt                    hard link (or copy) of the newest weights file
 
@@ -13,6 +15,10 @@ A checkpoint becomes visible only once every rank has written its part: DeepSpee
 ends with a barrier, the per-rank files are followed by another barrier, and only then rank 0 writes the
 weights file, ``complete.json`` and finally ``latest``. A job killed in between leaves a folder without
 ``complete.json`` that nothing resumes from; the next save of the same step replaces it.
+
+``latest`` is the truth: auto-resume follows it (older complete checkpoints only when it is damaged), and
+retention counts back from it. A rollback (``train.resume`` naming an older checkpoint of the same run
+folder) moves the newer ones aside (:meth:`Checkpoints.abandon_newer`).
 
 This module does not import DeepSpeed or torch.distributed: the engine passes its DeepSpeed engine (whose
 ``save_checkpoint`` / ``load_checkpoint`` it calls) and a ``barrier`` callable.
@@ -23,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -31,9 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from samdiffsr.cli import UserError
 from samdiffsr.io import atomic_torch_save, atomic_write, atomic_write_text, short_reason, torch_load, writing
@@ -56,38 +58,6 @@ def tag_for(step: int) -> str:
 def step_of(tag: str) -> int | None:
     m = TAG_RE.match(tag)
     return int(m.group(1)) if m else None
-
-
-# --- RNG state -------------------------------------------------------------------------------------
-def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    """Every random state a rank's training depends on, as tensors and plain containers (weights_only)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-        "generator_device": str(generator.device),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if str(generator.device) != state["generator_device"]:
-        raise CheckpointError(f"the diffusion RNG was saved on {state['generator_device']} and cannot be "
-                              f"restored on {generator.device}")
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -126,35 +96,49 @@ def complete_points(ckpt_dir: Path) -> list[ResumePoint]:
             if _complete(ckpt_dir / t) is not None]
 
 
-def _newest_first(ckpt_dir: Path) -> list[ResumePoint]:
-    """What to try, newest complete checkpoint first; what is skipped on the way is logged with the reason.
+def _latest_first(ckpt_dir: Path) -> list[ResumePoint]:
+    """What to try: the checkpoint ``latest`` names, then the older complete ones (newest first) as fallbacks.
 
-    ``latest`` normally names the newest complete checkpoint. When it is garbage or names a checkpoint that
-    is missing or incomplete, that is said, and the older complete checkpoints are still tried. A complete
-    checkpoint newer than ``latest`` (a job killed between ``complete.json`` and ``latest``) is whole: it
-    comes first. Folders without ``complete.json`` (interrupted saves) are never tried.
+    ``latest`` is the truth: a complete checkpoint newer than it is not on the run's committed branch (a
+    save killed between its ``complete.json`` and ``latest``, whose step the run redoes and overwrites) and
+    is never resumed from. Only when ``latest`` is missing, garbled or names a missing or incomplete
+    checkpoint, that is said (one warning naming why) and the complete checkpoints older than the step it
+    names (all of them, when it names none) are tried. Folders without ``complete.json`` are never tried.
     """
     points = complete_points(ckpt_dir)
     try:
-        read_latest(ckpt_dir)
+        latest = read_latest(ckpt_dir)
     except CheckpointError as exc:
-        log.warning("%s; %s", exc, f"trying {points[0].load_dir / points[0].tag} instead" if points
-                    else "and no other checkpoint is complete")
-    if not points and (ckpt_dir / LATEST).is_file():
-        found = sorted(p.name for p in ckpt_dir.iterdir() if p.name != LATEST)
-        raise CheckpointError(f"{ckpt_dir} holds checkpoints ({', '.join(found) or 'none left'}) but none is "
-                              f"complete (no {COMPLETE}); not starting from scratch over them: remove "
-                              f"{ckpt_dir} to start over, or give train.resume a checkpoint path")
-    return points
+        named = step_of((ckpt_dir / LATEST).read_text(errors="replace").strip())
+        fallback = [p for p in points if named is None or step_of(p.tag) < named]
+        log.warning("%s; %s", exc, f"trying {fallback[0].load_dir / fallback[0].tag} instead" if fallback
+                    else "and no older checkpoint is complete")
+        if not fallback:
+            found = sorted(p.name for p in ckpt_dir.iterdir() if p.name != LATEST)
+            raise CheckpointError(f"{ckpt_dir} holds checkpoints ({', '.join(found) or 'none left'}) but none "
+                                  f"{'is' if not points else 'older than the one latest names is'} complete "
+                                  f"(no {COMPLETE}); not starting from scratch over them: remove {ckpt_dir} to "
+                                  "start over, or give train.resume a checkpoint path") from None
+        return fallback
+    if latest is None:
+        if points:
+            log.warning("%s has no %s file; trying the newest complete checkpoint, %s", ckpt_dir, LATEST,
+                        points[0].load_dir / points[0].tag)
+        return points
+    newer = [p.tag for p in points if step_of(p.tag) > step_of(latest.tag)]
+    if newer:
+        log.warning("%s names %s; not resuming from the newer %s: not committed by %s (a save interrupted "
+                    "before its commit)", ckpt_dir / LATEST, latest.tag, ", ".join(newer), LATEST)
+    return [latest, *(p for p in points if step_of(p.tag) < step_of(latest.tag))]
 
 
 def resolve_resume(setting: str, ckpt_dir: Path) -> list[ResumePoint]:
     """The checkpoints to try, in order, per ``train.resume``; empty for a fresh start.
 
-    ``auto``: the run folder's complete checkpoints, newest first (the engine takes the first one that
-    loads and says which it skipped and why), else a fresh start. ``must``: the same, an error when there
-    is none. ``never``: a fresh start; an error if the run folder already holds checkpoints (a second run
-    would interleave with them). Anything else is a path: a tag folder (``.../checkpoints/step00001000``),
+    ``auto``: the checkpoint ``latest`` names, then the older complete ones as fallbacks (the engine takes
+    the first one that loads and says which it skipped and why), else a fresh start. ``must``: the same, an
+    error when there is none. ``never``: a fresh start; an error if the run folder already holds checkpoints
+    (a second run would interleave with them). Anything else is a path: a tag folder (``.../checkpoints/step00001000``),
     or a checkpoints folder (its complete checkpoints, newest first), possibly of another run.
     """
     if setting == "never":
@@ -163,7 +147,7 @@ def resolve_resume(setting: str, ckpt_dir: Path) -> list[ResumePoint]:
                                   "train.run_dir, remove them, or resume (train.resume=auto)")
         return []
     if setting in ("auto", "must"):
-        points = _newest_first(ckpt_dir)
+        points = _latest_first(ckpt_dir)
         if not points and setting == "must":
             raise CheckpointError(f"train.resume=must but there is no checkpoint in {ckpt_dir}")
         return points
@@ -171,7 +155,7 @@ def resolve_resume(setting: str, ckpt_dir: Path) -> list[ResumePoint]:
     if (path / COMPLETE).is_file():
         return [ResumePoint(path.parent, path.name)]
     if path.is_dir():
-        points = _newest_first(path)
+        points = _latest_first(path)
         if points:
             return points
     raise CheckpointError(f"train.resume={setting!r}: not a complete checkpoint folder nor a checkpoints "
@@ -186,35 +170,50 @@ def saved_config(point: ResumePoint) -> dict[str, Any]:
     return meta["config"]
 
 
-def load(engine: Any, point: ResumePoint, rank: int, world_size: int) -> tuple[dict[str, Any], dict | None]:
-    """Load a checkpoint into the DeepSpeed ``engine``; returns (client state, this rank's RNG state or None).
+def checkpoint_meta(point: ResumePoint) -> dict[str, Any]:
+    """``complete.json`` of a checkpoint: step, world size, ZeRO stage (when recorded), config."""
+    meta = _complete(point.load_dir / point.tag)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {point.load_dir / point.tag} is missing or incomplete (no {COMPLETE})")
+    return meta
 
-    DeepSpeed returns ``(None, None)`` instead of raising when it finds nothing to load: that is an error
-    here, since loading was asked for.
+
+def load(engine: Any, point: ResumePoint, module_only: bool = False) -> dict[str, Any]:
+    """Load a checkpoint into the DeepSpeed ``engine``; returns the client state.
+
+    ``module_only``: the weights alone (under ZeRO 1/2 the fp32 master partitions are refreshed from them),
+    for a resume on another number of ranks or ZeRO stage; the optimizer state then comes from
+    ``optimizer_full.pt`` (train/optimizer_state.py). DeepSpeed returns ``(None, None)`` instead of raising
+    when it finds nothing to load: that is an error here, since loading was asked for.
     """
     tag_dir = point.load_dir / point.tag
-    meta = _complete(tag_dir)
-    if meta is None:
-        raise CheckpointError(f"checkpoint {tag_dir} is missing or incomplete (no {COMPLETE})")
+    checkpoint_meta(point)
     try:
         load_path, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                   load_optimizer_states=not module_only,
+                                                   load_lr_scheduler_states=not module_only,
+                                                   load_module_only=module_only)
     except Exception as exc:  # DeepSpeed raises many types for truncated or mismatched files
         raise CheckpointError(f"cannot load checkpoint {tag_dir}: {type(exc).__name__}: {short_reason(exc)}") from exc
     if load_path is None or client is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}")
-    rng = None
+    return client
+
+
+def load_rng(point: ResumePoint, rank: int, world_size: int) -> dict | None:
+    """This rank's saved RNG state; None when the checkpoint was written on another number of ranks."""
+    tag_dir = point.load_dir / point.tag
+    if checkpoint_meta(point).get("world_size") != world_size:
+        return None
     rng_file = tag_dir / f"rng_rank{rank}.pt"
-    if meta.get("world_size") == world_size:
-        if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {tag_dir} lacks {rng_file.name}")
-        rng = torch_load(rng_file, CheckpointError, "RNG state file")
-    return client, rng
+    if not rng_file.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} lacks {rng_file.name}")
+    return torch_load(rng_file, CheckpointError, "RNG state file")
 
 
-def load_newest(engine: Any, points: list[ResumePoint], rank: int, world_size: int,
-                gather: Callable[[str | None], list[str | None]]) -> tuple[ResumePoint, dict[str, Any], dict | None]:
-    """Load the first of ``points`` that every rank can load; returns (point, client state, RNG state).
+def load_newest(points: list[ResumePoint], load_one: Callable[[ResumePoint], Any], rank: int,
+                gather: Callable[[str | None], list[str | None]]) -> tuple[ResumePoint, Any]:
+    """``load_one`` the first of ``points`` that every rank can load; returns (point, what it returned).
 
     Collective: ``gather(error or None)`` returns every rank's outcome, so all ranks move on together.
     Each skipped checkpoint is logged with the reason; when none loads, the error names them all.
@@ -222,13 +221,13 @@ def load_newest(engine: Any, points: list[ResumePoint], rank: int, world_size: i
     failures = []
     for point in points:
         try:
-            client, rng = load(engine, point, rank, world_size)
+            loaded = load_one(point)
             error = None
         except CheckpointError as exc:
             error = str(exc)
         errors = [e for e in gather(error) if e is not None]
         if not errors:
-            return point, client, rng
+            return point, loaded
         failures.append(errors[0])
         if rank == 0:
             log.warning("not resuming from it: %s", errors[0])
@@ -246,11 +245,13 @@ class Checkpoints:
         self.keep_last, self.keep_every, self.rank = max(keep_last, 1), keep_every, rank
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], rng_state: dict[str, Any],
-             write_weights: Callable[[Path], None], barrier: Callable[[], None], world_size: int) -> Path:
+             write_weights: Callable[[Path], None], barrier: Callable[[], None], world_size: int,
+             rank0_files: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the tag folder once the checkpoint is committed.
 
         ``client_state`` goes into DeepSpeed's files (rank 0's copy); its ``config`` also into
         ``complete.json``, so a resume can check compatibility before DeepSpeed loads anything.
+        ``rank0_files`` (file name -> object) are written by rank 0 into the tag folder.
         """
         tag = tag_for(step)
         tag_dir = self.dir / tag
@@ -265,12 +266,15 @@ class Checkpoints:
             with writing(tag_dir):  # torch's writer hides a full disk behind "unexpected pos"
                 engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
             atomic_torch_save(rng_state, tag_dir / f"rng_rank{self.rank}.pt")
+            for name, obj in rank0_files.items() if self.rank == 0 else ():
+                atomic_torch_save(obj, tag_dir / name)
             barrier()  # every rank's files are on disk before rank 0 commits
             if self.rank == 0:
                 weights = self.weights_dir / f"{tag}.pt"
                 write_weights(weights)
                 self._link_latest_weights(weights)
-                meta = {"step": step, "tag": tag, "world_size": world_size, "time": time.time(),
+                meta = {"step": step, "tag": tag, "world_size": world_size,
+                        "zero_stage": engine.zero_optimization_stage(), "time": time.time(),
                         "config": client_state.get("config")}
                 atomic_write_text(tag_dir / COMPLETE, json.dumps(meta))
                 atomic_write_text(self.dir / LATEST, tag)
@@ -293,18 +297,46 @@ class Checkpoints:
         atomic_write(self.weights_dir / "latest.pt", link_or_copy)
 
     def kept_steps(self, steps: list[int], newest: int) -> set[int]:
+        """The last K steps up to ``newest`` (the one ``latest`` names) plus every M-th. A step newer than
+        ``latest`` is not on the committed branch (a save killed before its commit): it goes too."""
         done = sorted(s for s in steps if s <= newest)
         keep = set(done[-self.keep_last:])
         if self.keep_every > 0:
             keep |= {s for s in done if s % self.keep_every == 0}
-        keep |= {s for s in steps if s > newest}  # never touch what is newer than the commit
         return keep
 
     def prune(self, newest: int) -> None:
-        """Delete checkpoints (and their weights files) outside the retention policy."""
+        """Delete checkpoints (and their weights files) outside the retention policy (rank 0, after the
+        commit of ``newest``)."""
         tags = {step_of(p.name): p for p in self.dir.iterdir() if p.is_dir() and step_of(p.name) is not None}
         keep = self.kept_steps(list(tags), newest)
         for step, path in tags.items():
             if step not in keep:
                 shutil.rmtree(path, ignore_errors=True)
                 (self.weights_dir / f"{tag_for(step)}.pt").unlink(missing_ok=True)
+
+    def abandon_newer(self, point: ResumePoint) -> Path | None:
+        """A rollback: ``point`` (of this run folder) becomes ``latest``; the newer checkpoints (and their
+        weights files) move to ``checkpoints/abandoned-<tag>-<time>/``, out of reach of auto-resume and
+        pruning. Rank 0 alone; returns the folder they went to, None when nothing was newer."""
+        if Path(point.load_dir).resolve() != self.dir.resolve():
+            return None
+        resumed = step_of(point.tag)
+        newer = sorted(p for p in self.dir.iterdir() if p.is_dir() and (step_of(p.name) or -1) > resumed)
+        if not newer:
+            return None
+        aside = self.dir / f"abandoned-{point.tag}-{time.strftime('%Y%m%dT%H%M%S')}"
+        (aside / "weights").mkdir(parents=True)
+        for path in newer:
+            path.rename(aside / path.name)
+            weights = self.weights_dir / f"{path.name}.pt"
+            if weights.is_file():
+                weights.rename(aside / "weights" / weights.name)
+        atomic_write_text(self.dir / LATEST, point.tag)
+        kept = self.weights_dir / f"{point.tag}.pt"
+        if kept.is_file():
+            self._link_latest_weights(kept)
+        log.warning("rollback to %s: the newer checkpoints %s (and their weights files) were moved to %s; "
+                    "auto-resume and pruning no longer reach them", point.tag, ", ".join(p.name for p in newer),
+                    aside)
+        return aside

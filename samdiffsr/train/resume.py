@@ -1,9 +1,12 @@
 """Where a run stands, and what a checkpoint carries beyond DeepSpeed's own state (the client state: step,
-data position, EMA, loss scale, config): :func:`save` writes it, :func:`resume` reads it back.
+data position, EMA, loss scale, config; Adam's state per parameter name): :func:`save` writes it,
+:func:`resume` reads it back.
 
-A checkpoint continues only the same model and task; everything else may change on resume. When the world
-size, micro batch or data workers changed, the data order cannot be continued exactly: the run continues
-at the start of the next epoch.
+What may change on resume, key by key, is samdiffsr/train/contract.py (docs/training.md, "Resume: the
+contract"). The same number of ranks and ZeRO stage resume through DeepSpeed's own files, bit for bit;
+another number of ranks or stage loads the weights alone and sets Adam's state from ``optimizer_full.pt``.
+When the number of ranks, the micro batch or a key the data order depends on changed, the data continue at
+the start of the next epoch, so that no sample of the current epoch is seen twice.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from samdiffsr.config import Config, config_from_dict
+from samdiffsr.io import torch_load
 from samdiffsr.models import save_weights
-from samdiffsr.train import checkpoints
+from samdiffsr.train import checkpoints, optimizer_state, rng
 from samdiffsr.train.build import Trainer
 from samdiffsr.train.collective import gather
+from samdiffsr.train.contract import ORDER_KEYS, changed_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,54 +57,116 @@ def resume_points(setting: str, ckpt_dir: Path, rank: int) -> list[checkpoints.R
     return decision[0]
 
 
-def check_resumable(saved: dict[str, Any], cfg: Config) -> None:
-    """A checkpoint continues only the same model and task; everything else may change on resume."""
-    old = config_from_dict(saved)
-    if old.model != cfg.model:
-        diff = [k for k, v in cfg.model.__dict__.items() if getattr(old.model, k) != v]
-        raise checkpoints.CheckpointError(f"the checkpoint was trained with other model settings: "
-                                          f"{', '.join(f'model.{k}' for k in diff)}")
-    if old.train.task != cfg.train.task:
-        raise checkpoints.CheckpointError(f"the checkpoint is of task '{old.train.task}', not "
-                                          f"'{cfg.train.task}'")
-
-
 def stream_key(trainer: Trainer) -> list[int]:
-    """What the data order depends on beyond the seed: world size, micro batch, data workers."""
+    """What the data order depends on beyond the config: world size, micro batch (and data workers)."""
     return [trainer.world_size, trainer.micro, trainer.cfg.data.workers]
 
 
-def resume(trainer: Trainer, points: list[checkpoints.ResumePoint]) -> tuple[RunState, dict | None]:
-    """Load the newest of ``points`` that loads (a corrupt one is skipped with a warning saying why).
+def trainable(trainer: Trainer) -> list[tuple[str, Any]]:
+    """The trained parameters by name (the names of the weights file and of the EMA)."""
+    return [(n, p) for n, p in trainer.net.named_parameters() if p.requires_grad]
 
-    Restores the engine, the loss scale and the RNG states; returns the run's state and the saved EMA.
+
+def resume(trainer: Trainer, points: list[checkpoints.ResumePoint]) -> tuple[RunState, dict | None]:
+    """Load the first of ``points`` that loads (a damaged one is skipped with a warning saying why).
+
+    Restores the engine, Adam's state, the loss scale and the RNG states; returns the run's state and the
+    saved EMA. A rollback (an explicit older checkpoint of this run folder) moves the newer ones aside.
     """
-    check_resumable(checkpoints.saved_config(points[0]), trainer.cfg)
-    point, client, rng = checkpoints.load_newest(trainer.engine, points, trainer.rank, trainer.world_size, gather)
+    try:
+        _, changed = changed_keys(checkpoints.saved_config(points[0]), trainer.cfg)
+    except ValueError as exc:
+        raise checkpoints.CheckpointError(str(exc)) from None
+    point, (client, saved_rng, converted) = checkpoints.load_newest(points, partial(_load_one, trainer),
+                                                                    trainer.rank, gather)
     run = RunState(step=client["step"], position=tuple(client["data_position"]), resumed_from=point,
                    last_saved=client["step"])
-    trainer.update.load_state_dict(client.get("grad_scaler"))
-    if rng is not None:
-        checkpoints.restore_rng(rng, trainer.generator)
-    else:
-        log.warning("rank %d: no saved RNG state for this world size; the diffusion noise is reseeded", trainer.rank)
-    if list(client["stream_key"]) != stream_key(trainer):
-        log.warning("world size / micro batch / data.workers changed %s -> %s: the data order cannot be "
-                    "continued exactly; resuming at the start of the next epoch", client["stream_key"],
-                    stream_key(trainer))
+    trainer.update.load_state_dict(client.get("grad_scaler"))  # None (not fp16 before): the initial scale
+    optim = trainer.cfg.optim
+    for group in trainer.engine.basic_optimizer.param_groups:  # the config's, not the checkpoint's
+        group.update(betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    if saved_rng is not None:
+        rng.restore_rng(saved_rng, trainer.generator)
+    else:  # another number of ranks: no saved state belongs to this rank
+        rng.reseed(trainer.generator, trainer.cfg.train.seed, trainer.rank, run.step)
+    order = _order_changes(client, trainer, changed)
+    if order:
         run.position = (run.position[0] + 1, 0)
+    if trainer.rank == 0:
+        _report(converted, changed, order, reseeded=saved_rng is None)
+        settings = trainer.cfg.train
+        if settings.resume not in ("auto", "must", "never"):
+            checkpoints.Checkpoints(settings.run_dir, settings.keep_last, settings.keep_every, 0).abandon_newer(point)
     return run, client.get("ema")
+
+
+def _load_one(trainer: Trainer, point: checkpoints.ResumePoint) -> tuple[dict, dict | None, str | None]:
+    """(client state, this rank's RNG state or None, the conversion done or None) of one checkpoint."""
+    engine, tag_dir = trainer.engine, point.load_dir / point.tag
+    meta = checkpoints.checkpoint_meta(point)
+    saved = (meta.get("world_size"), meta.get("zero_stage", meta["config"]["train"]["zero_stage"]))
+    now = (trainer.world_size, engine.zero_optimization_stage())
+    converted = None
+    if saved == now:  # DeepSpeed's own files: bit for bit
+        client = checkpoints.load(engine, point)
+        optimizer_state.match_param_layouts(engine.basic_optimizer)  # train.channels_last may have changed
+    else:
+        full_file = tag_dir / optimizer_state.FULL_STATE
+        if not full_file.is_file():
+            raise checkpoints.CheckpointError(
+                f"checkpoint {tag_dir} was written on {saved[0]} rank(s) with ZeRO {saved[1]} and has no "
+                f"{full_file.name} to resume on {now[0]} rank(s) with ZeRO {now[1]}: resume it on {saved[0]} "
+                f"rank(s) with train.zero_stage={saved[1]} (its next checkpoint will have one)")
+        full = torch_load(full_file, checkpoints.CheckpointError, "optimizer state file")
+        client = checkpoints.load(engine, point, module_only=True)
+        try:
+            optimizer_state.set_full_state(engine, trainable(trainer), full)
+        except (KeyError, RuntimeError) as exc:
+            raise checkpoints.CheckpointError(f"cannot set the optimizer state of {full_file}: {exc}") from exc
+        for key in ("global_steps", "global_samples", "skipped_steps"):  # DeepSpeed's counters
+            if key in client:
+                setattr(engine, key, client[key])
+        converted = f"{saved[0]} rank(s) x ZeRO {saved[1]} -> {now[0]} rank(s) x ZeRO {now[1]}"
+    return client, checkpoints.load_rng(point, trainer.rank, trainer.world_size), converted
+
+
+def _order_changes(client: dict[str, Any], trainer: Trainer, changed: list[str]) -> list[str]:
+    """What changed that the data order depends on (then the data continue at the next epoch)."""
+    saved_world, saved_micro = list(client["stream_key"])[:2]
+    reasons = [k for k in changed if k in ORDER_KEYS]
+    if saved_world != trainer.world_size:
+        reasons.append(f"ranks {saved_world} -> {trainer.world_size}")
+    if saved_micro != trainer.micro:
+        reasons.append(f"micro batch {saved_micro} -> {trainer.micro}")
+    return reasons
+
+
+def _report(converted: str | None, changed: list[str], order: list[str], reseeded: bool) -> None:
+    """One line saying what the resume changed, when it changed anything."""
+    parts = [f"optimizer state converted ({converted})"] if converted else []
+    if changed:
+        parts.append(f"settings changed: {', '.join(changed)}")
+    if order:
+        parts.append(f"the data continue at the start of the next epoch ({', '.join(order)} changed the order)")
+    if reseeded:
+        parts.append("the diffusion RNG is reseeded from (seed, rank, step)")
+    if parts:
+        log.warning("resume: %s (docs/training.md, 'Resume: the contract')", "; ".join(parts))
 
 
 def save(trainer: Trainer, ckpts: checkpoints.Checkpoints, run: RunState) -> None:
     """Collective: every rank writes its part of the checkpoint of step ``run.step``."""
-    ema = trainer.ema
+    ema, engine = trainer.ema, trainer.engine
     client = {"step": run.step, "data_position": list(run.position), "ema": ema.state_dict() if ema else None,
               "config": trainer.cfg.to_dict(), "stream_key": stream_key(trainer),
               # DeepSpeed does not checkpoint the autocast GradScaler (fp16): the loss scale goes here.
               "grad_scaler": trainer.update.state_dict()}
-    ckpts.save(trainer.engine, run.step, client, checkpoints.capture_rng(trainer.generator),
-               partial(_write_weights, trainer, run.step), dist.barrier, trainer.world_size)
+    # Adam's state by parameter name, for a resume on another number of ranks or ZeRO stage (rank 0 writes
+    # it; under ZeRO 1/2 gathering it is a collective).
+    full = (optimizer_state.full_state(engine, trainable(trainer))
+            if trainer.rank == 0 or engine.zero_optimization_stage() else None)
+    ckpts.save(engine, run.step, client, rng.capture_rng(trainer.generator), partial(_write_weights, trainer, run.step),
+               dist.barrier, trainer.world_size, {optimizer_state.FULL_STATE: full} if trainer.rank == 0 else {})
     run.last_saved = run.step
 
 

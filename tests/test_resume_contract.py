@@ -1,0 +1,101 @@
+"""Resume across changes, in one process: channels_last toggled, `latest` as the truth, rollbacks, and the
+key-by-key contract of docs/training.md ("Resume: the contract").
+
+Real runs of the engine (DeepSpeed on CPU, world size 1) on tiny shards and a tiny model. Resuming on another
+number of ranks or ZeRO stage is tests/test_elastic_resume.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, TINY, load_net_state, read_losses, write_rrdb_weights, write_shards
+
+from samdiffsr.train import checkpoints
+from samdiffsr.train.engine import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    return {"shards": write_shards(root / "train"), "rrdb": write_rrdb_weights(root / "rrdb.pt")}
+
+
+def run(data: dict[str, str], run_dir: Path, *extra: str, stop=None) -> dict:
+    return main(["--config", str(REPO / "configs" / "demo.yaml"), *TINY, "data.workers=0",
+                 f"data.train_shards={data['shards']}", "data.val_shards=", f"train.rrdb_ckpt={data['rrdb']}",
+                 f"train.run_dir={run_dir}", *extra], stop_requested=stop)
+
+
+def stop_after(n: int):
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) >= n
+
+    return stop
+
+
+# --- channels_last toggled across a resume (ZeRO 0) --------------------------------------------------------
+@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
+def test_channels_last_toggled_at_a_resume_keeps_adam_right(data, tmp_path, before, after):
+    # Fused Adam pairs a parameter with its moments by memory position: moments restored in the other layout
+    # would update each weight with another weight's moments. The resumed run must end where the
+    # uninterrupted one does, up to the rounding of the two convolution layouts (measured: ~1e-7; corrupted
+    # moments move weights by ~lr = 5e-4).
+    common = ["train.max_steps=4", "train.ckpt_every=1000"]
+    run(data, tmp_path / "full", *common, f"train.channels_last={before}")
+    run(data, tmp_path / "part", *common, f"train.channels_last={before}", stop=stop_after(2))
+    run(data, tmp_path / "part", *common, f"train.channels_last={after}")
+    full, part = load_net_state(tmp_path / "full"), load_net_state(tmp_path / "part")
+    worst = max(float((full[k] - part[k]).abs().max()) for k in full)
+    assert worst < 2e-6, worst
+
+
+# --- `latest` is the truth; rollbacks ----------------------------------------------------------------------
+def fake_checkpoints(ckpt_dir: Path, steps: list[int], latest: int) -> None:
+    """Tag folders with a complete.json (what resolution reads) and a `latest` naming step ``latest``."""
+    for step in steps:
+        (ckpt_dir / checkpoints.tag_for(step)).mkdir(parents=True)
+        (ckpt_dir / checkpoints.tag_for(step) / checkpoints.COMPLETE).write_text(f'{{"step": {step}}}')
+    (ckpt_dir / checkpoints.LATEST).write_text(checkpoints.tag_for(latest))
+
+
+def test_auto_resume_and_retention_follow_latest(tmp_path, caplog):
+    ckpt_dir = tmp_path / "checkpoints"
+    fake_checkpoints(ckpt_dir, [2, 4, 6], latest=4)
+    with caplog.at_level(logging.WARNING):
+        points = checkpoints.resolve_resume("auto", ckpt_dir)
+    # latest first, then the older complete ones as fallbacks; the newer step 6 is off the committed branch.
+    assert [p.tag for p in points] == [checkpoints.tag_for(4), checkpoints.tag_for(2)]
+    assert "not resuming from the newer step00000006" in caplog.text
+    # Retention counts back from latest: step 6 is not kept.
+    checkpoints.Checkpoints(tmp_path, keep_last=2, keep_every=0, rank=0).prune(4)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step00000002", "step00000004"]
+
+
+def test_rollback_moves_the_newer_checkpoints_aside_and_a_preemption_continues_the_new_branch(data, tmp_path,
+                                                                                               caplog):
+    common = ["train.ckpt_every=2", "train.keep_last=5"]
+    run(data, tmp_path, *common, "train.max_steps=6")
+    ckpt_dir = tmp_path / "checkpoints"
+    step2 = ckpt_dir / checkpoints.tag_for(2)
+    # Roll back to step 2 with a lower lr; the run is preempted after one step (it checkpoints step 3).
+    with caplog.at_level(logging.WARNING):
+        out = run(data, tmp_path, *common, "train.max_steps=6", f"train.resume={step2}", "optim.lr=1e-4",
+                  stop=stop_after(1))
+    assert out["resumed_from"] == str(step2) and out["step"] == 3
+    aside = [p for p in ckpt_dir.iterdir() if p.name.startswith("abandoned-step00000002-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step00000004", "step00000006",
+                                                                              "weights"]
+    assert sorted(p.name for p in (aside[0] / "weights").iterdir()) == ["step00000004.pt", "step00000006.pt"]
+    assert "rollback to step00000002: the newer checkpoints step00000004, step00000006" in caplog.text
+    # The requeued job (train.resume=auto) continues the new branch, from step 3, not the abandoned step 6.
+    out = run(data, tmp_path, *common, "train.max_steps=5", "optim.lr=1e-4")
+    assert out["resumed_from"] == str(ckpt_dir / checkpoints.tag_for(3)) and out["step"] == 5
+    assert sorted(p.name for p in ckpt_dir.iterdir() if checkpoints.step_of(p.name)) == [
+        "step00000002", "step00000003", "step00000004", "step00000005"]
+    assert list(read_losses(tmp_path)) == [1, 2, 3, 4, 5]
