@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, format_difference, images_needed, verdict
 
 
 def test_two_images_one_seed_give_the_hand_computed_interval():
@@ -64,3 +64,12 @@ def test_images_needed_scales_with_the_square_of_the_width_ratio():
     assert images_needed(PairedDifference(0.05, -0.15, 0.25, 2, 10)) == 160
     assert images_needed(PairedDifference(0.3, 0.1, 0.5, 2, 10)) == 10  # already resolved
     assert images_needed(PairedDifference(0.0, -0.1, 0.1, 2, 10)) is None
+
+
+def test_differences_are_printed_with_fixed_decimals_per_unit():
+    d = PairedDifference(0.00712, -0.00791, 0.03948, 2, 26)
+    assert format_difference("psnr_y", d) == "+0.007 dB [-0.008, +0.039]"
+    assert format_difference("ssim_y", PairedDifference(0.00123, -0.0004, 0.00314, 1, 26)) == \
+        "+0.0012 [-0.0004, +0.0031]"
+    assert format_difference("lpips", PairedDifference(-0.02, -0.031, -0.009, 1, 26)) == "-0.0200 [-0.0310, -0.0090]"
+    assert format_difference("fid", PairedDifference(1.234, -0.5, 3.0, 1, 26)) == "+1.23 [-0.50, +3.00]"

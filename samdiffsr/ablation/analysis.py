@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from samdiffsr.cli import UserError
-from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, images_needed, verdict
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, format_difference, images_needed, verdict
 from samdiffsr.io import atomic_write, atomic_write_text
 
 # Columns of results_per_image.csv that are not metrics.
@@ -118,8 +118,8 @@ def verdict_lines(comparisons: list[Comparison]) -> list[str]:
     lines = []
     for c in last.values():
         d, word = c.diff, verdict(c.metric, c.diff)
-        text = (f"{c.arm} vs {c.baseline}, step {c.step}, {c.metric}: {d.mean:+.4g} "
-                f"[{d.low:+.4g}, {d.high:+.4g}] (95% CI over {d.seeds} seeds x {d.images} images): ")
+        text = (f"{c.arm} vs {c.baseline}, step {c.step}, {c.metric}: {format_difference(c.metric, d)} "
+                f"(95% CI over {d.seeds} seeds x {d.images} images): ")
         if word == "within noise":
             need = images_needed(d)
             text += "within noise, the interval includes 0" + (
@@ -142,7 +142,7 @@ def write_outputs(out: Path, spec: dict[str, Any], comparisons: list[Comparison]
     atomic_write_text(out / "ablation.csv", "\n".join(body) + "\n")
     atomic_write_text(out / "ablation.md", markdown(spec, rows, lines))
     for metric in curves["bicubic"]:
-        atomic_write(out / f"plot_{metric}.png", lambda p, m=metric: plot_metric(p, m, curves))
+        atomic_write(out / f"plot_{metric}.png", lambda p, m=metric: plot_metric(p, m, curves, comparisons))
 
 
 def _csv(value: Any) -> str:
@@ -162,24 +162,40 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], lines: list[str])
     return "\n".join(out) + "\n"
 
 
-def plot_metric(path: Path, metric: str, curves: dict[str, Any]) -> None:
+def plot_metric(path: Path, metric: str, curves: dict[str, Any], comparisons: list[Comparison]) -> None:
+    """Left, what the verdict is about: each arm minus the first arm per step, with its paired 95% band (the
+    band excludes image-to-image spread, which pairing cancels). Right, for context: every arm's own mean with
+    its band (dominated by that spread), and bicubic."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, by_metric in curves["arms"].items():
+    fig, (paired, absolute) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = list(curves["arms"])
+    for index, arm in enumerate(arms[1:], start=1):  # colour Cn is arm n in both panels
+        points = sorted((c for c in comparisons if c.arm == arm and c.metric == metric), key=lambda c: c.step)
+        steps = [c.step for c in points]
+        paired.plot(steps, [c.diff.mean for c in points], marker="o", color=f"C{index}", label=f"{arm} - {arms[0]}")
+        paired.fill_between(steps, [c.diff.low for c in points], [c.diff.high for c in points], color=f"C{index}",
+                            alpha=0.25)
+    paired.axhline(0.0, color="black", linewidth=0.8)
+    paired.set_xlabel("training step")
+    paired.set_ylabel(f"{metric} difference")
+    paired.set_title(f"paired difference vs {arms[0]}, 95% bootstrap band", fontsize=10)
+    paired.legend()
+    for index, (arm, by_metric) in enumerate(curves["arms"].items()):
         points = by_metric[metric]
         steps = [p["step"] for p in points]
-        ax.plot(steps, [p["mean"] for p in points], marker="o", label=arm)
-        ax.fill_between(steps, [p["low"] for p in points], [p["high"] for p in points], alpha=0.2)
+        absolute.plot(steps, [p["mean"] for p in points], marker="o", color=f"C{index}", label=arm)
+        absolute.fill_between(steps, [p["low"] for p in points], [p["high"] for p in points], color=f"C{index}",
+                              alpha=0.15)
     if curves["bicubic"].get(metric) is not None:
-        ax.axhline(curves["bicubic"][metric], color="grey", linestyle="--", label="bicubic")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds x images, 95% bootstrap band")
-    ax.legend()
+        absolute.axhline(curves["bicubic"][metric], color="grey", linestyle="--", label="bicubic")
+    absolute.set_xlabel("training step")
+    absolute.set_ylabel(metric)
+    absolute.set_title(f"{metric}: mean over seeds x images, 95% band", fontsize=10)
+    absolute.legend()
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)

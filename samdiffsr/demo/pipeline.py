@@ -182,7 +182,7 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
     (out / "demo.md").write_text(text + "\n")
     srs = [read_image(out / "images" / best / "demo_val" / f"{p.key}.png")[0] for p in pairs]
     shown = pairs[:4]  # a picture of every held-out image would be too tall to read
-    picture = report.comparison_picture(out / "comparison.png", shown, srs[:len(shown)], label, scale)
+    picture = report.comparison_picture(out / "comparison.png", shown, srs[:len(shown)], label, scale, size=48)
     return text, picture
 
 

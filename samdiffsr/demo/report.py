@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from samdiffsr.data.pairs import Pair
 from samdiffsr.evaluation.metrics import pixel_metrics
-from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean
+from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, format_difference
 from samdiffsr.imresize import imresize
 from samdiffsr.models.inputs import prepare_lr, to_uint8
 from samdiffsr.models.rrdb import RRDBNet
 from samdiffsr.models.weights import load_rrdb_weights
 
 TABLE_METRICS = ("psnr_y", "ssim_y")
+METRIC_NAMES = {"psnr_y": "PSNR-Y", "ssim_y": "SSIM-Y"}
 
 
 def checkpoint_scores(results_csv: Path) -> dict[str, dict[str, float]]:
@@ -88,17 +89,10 @@ def paired_differences(method: dict[str, dict[str, float]], baseline: dict[str, 
     return {m: bootstrap_mean(np.array([[method[k][m] - baseline[k][m] for k in keys]])) for m in metrics}
 
 
-def describe_difference(metric: str, diff: PairedDifference) -> str:
-    """``PSNR-Y +0.061 dB [-0.020, +0.140]``: three decimals for dB, four for SSIM."""
-    if metric.startswith("ssim"):
-        return f"SSIM-Y {diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
-    return f"PSNR-Y {diff.mean:+.3f} dB [{diff.low:+.3f}, {diff.high:+.3f}]"
-
-
 def difference_line(name: str, baseline: str, diffs: dict[str, PairedDifference]) -> str:
     """One line: ``name - baseline`` in every metric, with intervals and the number of images."""
     images = next(iter(diffs.values())).images
-    figures = ", ".join(describe_difference(m, d) for m, d in diffs.items())
+    figures = ", ".join(f"{METRIC_NAMES[m]} {format_difference(m, d)}" for m, d in diffs.items())
     return f"{name} - {baseline}: {figures} (mean over {images} held-out images, 95% bootstrap interval)"
 
 
@@ -111,6 +105,8 @@ def verdict(vs_bicubic: dict[str, PairedDifference]) -> str:
 
 def detail_window(hr: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left corner of the ``size`` x ``size`` HR window with the most gradient energy (on a 4-px grid)."""
+    if size >= min(hr.shape[:2]) - 1:  # the window is (about) the whole image
+        return 0, 0
     y = hr.astype(np.float32).mean(axis=2)
     energy = np.abs(np.diff(y, axis=0))[:, :-1] + np.abs(np.diff(y, axis=1))[:-1, :]
     pooled = F.avg_pool2d(torch.from_numpy(energy)[None, None], size, stride=4)[0, 0]

@@ -66,6 +66,18 @@ def _draw_counts(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray
     return counts
 
 
+def format_difference(metric: str, diff: PairedDifference) -> str:
+    """``+0.007 dB [-0.008, +0.039]`` for a PSNR, ``+0.0012 [-0.0004, +0.0031]`` for SSIM, LPIPS and the rest.
+
+    A fixed number of decimals per unit (never significant figures): the eye compares a mean with its bounds.
+    """
+    if metric.startswith("psnr"):
+        return f"{diff.mean:+.3f} dB [{diff.low:+.3f}, {diff.high:+.3f}]"
+    if metric.startswith("fid"):
+        return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
+    return f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+
+
 def verdict(metric: str, diff: PairedDifference) -> str:
     """``better`` / ``worse`` when the interval excludes zero (the metric's direction decides which),
     else ``within noise``."""
