@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
+from train_helpers import REPO
 
-from samdiffsr.config import ModelConfig
+from samdiffsr.config import ConfigError, ModelConfig, load_config
 from samdiffsr.models import build_model
 from samdiffsr.models.diffusion import TrainingLevers, low_noise_timestep_probabilities
 from samdiffsr.train.ema import EMA
@@ -142,3 +143,24 @@ def test_low_noise_timestep_probabilities_and_draws_follow_the_formula():
     # Power 0 is the paper's draw: torch.randint on the same generator.
     uniform = model.draw_timesteps(64, torch.Generator().manual_seed(5), torch.device("cpu"))
     assert torch.equal(uniform, torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(5)))
+
+
+# --- the keys -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, named", [
+    ("train.timestep_sampling=late", "'train.timestep_sampling'"), ("train.timestep_power=0", "'train.timestep_power'"),
+    ("train.snr_gamma=-1", "'train.snr_gamma'"), ("train.ema_warmup_power=-0.5", "'train.ema_warmup_power'"),
+    ("train.ema_warmup_power=0.75", "'train.ema_warmup_power' and 'train.ema_decay'"),  # no EMA to warm up
+])
+def test_lever_keys_are_validated_in_one_line(override, named):
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_config(REPO / "configs" / "samdiffsr_df2k4x.yaml", [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_the_levers_are_off_in_the_paper_configs_and_parse_when_given():
+    for name in ("samdiffsr_df2k4x.yaml", "authors_samdiffsr_df2k4x.yaml", "authors_rrdb_samdiffsr_df2k4x.yaml"):
+        t = load_config(REPO / "configs" / name).train
+        assert (t.ema_warmup_power, t.snr_gamma, t.timestep_sampling) == (0.0, 0.0, "uniform"), name
+    t = load_config(REPO / "configs" / "demo.yaml", ["train.snr_gamma=5", "train.timestep_sampling=low_noise",
+                                                     "train.timestep_power=2", "train.ema_warmup_power=0.75"]).train
+    assert (t.snr_gamma, t.timestep_sampling, t.timestep_power, t.ema_warmup_power) == (5.0, "low_noise", 2.0, 0.75)
