@@ -95,6 +95,7 @@ class GaussianDiffusion(nn.Module):
         buf("posterior_mean_coef2", (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar))
         # Not in the authors' state dict: derived, so kept out of checkpoints.
         buf("mask_coefficient", np.sqrt(1.0 - abar) * betas, persistent=False)
+        self._timestep_probs: dict[tuple[float, str], torch.Tensor] = {}  # draw_timesteps' densities, per device
 
     # --- residual <-> image -------------------------------------------------------------------
     def img2res(self, img_hr: torch.Tensor, img_lr_up: torch.Tensor) -> torch.Tensor:
@@ -173,8 +174,11 @@ class GaussianDiffusion(nn.Module):
         source = generator.device if generator else device
         if not power:
             return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=source).to(device)
-        probs = torch.tensor(low_noise_timestep_probabilities(self.num_timesteps, power), device=source)
-        return torch.multinomial(probs, batch, replacement=True, generator=generator).to(device)
+        key = (power, str(source))  # cached: a host-to-device copy every step would wait for the device
+        if key not in self._timestep_probs:
+            self._timestep_probs[key] = torch.tensor(low_noise_timestep_probabilities(self.num_timesteps, power),
+                                                     device=source)
+        return torch.multinomial(self._timestep_probs[key], batch, replacement=True, generator=generator).to(device)
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma loss weights at timesteps ``t``: min(SNR_t, gamma) / SNR_t for L2, its square root for L1.
