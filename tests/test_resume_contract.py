@@ -14,6 +14,7 @@ import pytest
 from train_helpers import REPO, TINY, load_net_state, read_losses, write_rrdb_weights, write_shards
 
 from samdiffsr.train import checkpoints
+from samdiffsr.train.contract import APPLIED, CONTRACT, CONVERTED, REFUSED, config_keys, contract_of
 from samdiffsr.train.engine import main
 
 
@@ -99,3 +100,41 @@ def test_rollback_moves_the_newer_checkpoints_aside_and_a_preemption_continues_t
     assert sorted(p.name for p in ckpt_dir.iterdir() if checkpoints.step_of(p.name)) == [
         "step00000002", "step00000003", "step00000004", "step00000005"]
     assert list(read_losses(tmp_path)) == [1, 2, 3, 4, 5]
+
+
+# --- the contract: docs table == code, refusals, settings applied ------------------------------------------
+def docs_table() -> dict[str, tuple[str, str]]:
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text[text.index("## Resume: the contract"):]
+    section = section[:section.index("\n## ")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and cells[1] in (APPLIED, CONVERTED, REFUSED):
+            rows["ranks" if cells[0] == "number of ranks" else cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def test_the_docs_table_is_the_contract_and_every_config_key_has_a_row():
+    assert docs_table() == CONTRACT
+    assert all(contract_of(key) for key in config_keys())  # KeyError names a key without a row
+
+
+def test_a_refused_change_is_one_line_before_anything_loads(data, tmp_path):
+    # A trainable RRDB is another set of trained parameters: DeepSpeed would fail on the optimizer state and
+    # the message would advise removing the checkpoints.
+    run(data, tmp_path, "train.max_steps=1")
+    with pytest.raises(checkpoints.CheckpointError, match=r"^the checkpoint was trained with other "
+                                                          r"train\.freeze_rrdb \(train\.freeze_rrdb: True -> False\)"):
+        run(data, tmp_path, "train.max_steps=2", "train.freeze_rrdb=false")
+
+
+def test_adam_settings_given_on_resume_apply(data, tmp_path):
+    # The param groups restored from a checkpoint would keep the old betas and weight decay.
+    run(data, tmp_path / "a", "train.max_steps=3", stop=stop_after(2))
+    step2 = tmp_path / "a" / "checkpoints" / checkpoints.tag_for(2)
+    run(data, tmp_path / "same", "train.max_steps=3", f"train.resume={step2}")
+    run(data, tmp_path / "new", "train.max_steps=3", f"train.resume={step2}", "optim.weight_decay=1.0",
+        "optim.betas=[0.5,0.9]")
+    same, new = load_net_state(tmp_path / "same"), load_net_state(tmp_path / "new")
+    assert max(float((same[k] - new[k]).abs().max()) for k in same) > 1e-5

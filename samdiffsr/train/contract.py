@@ -33,6 +33,10 @@ CONTRACT: dict[str, tuple[str, str]] = {
                                   "changes"),
     "train.ema_decay": (APPLIED, "the saved average continues with the new decay; 0 -> d starts it from the "
                                  "loaded weights; d -> 0 drops it"),
+    "train.ema_warmup_power": (APPLIED, "the warm-up continues from the saved count of applied updates"),
+    "train.snr_gamma": (APPLIED, "the loss weighting from the first resumed step"),
+    "train.timestep_sampling": (APPLIED, "from the first resumed step"),
+    "train.timestep_power": (APPLIED, "from the first resumed step"),
     "train.rrdb_ckpt": (APPLIED, "not read: the checkpoint holds the frozen RRDB"),
     "train.compile": (APPLIED, "parameter names stay the same"),
     "train.run_dir": (APPLIED, "a checkpoint of another run folder continues into this one"),
@@ -70,8 +74,8 @@ CONTRACT: dict[str, tuple[str, str]] = {
     "data.cache_dir": (APPLIED, ""),
     "data.val_shards": (APPLIED, ""),
     "data.val_images": (APPLIED, ""),
-    "deepspeed": (APPLIED, "merged over what `train.*` / `optim.*` derive; a ZeRO stage there converts as "
-                           "train.zero_stage"),
+    "deepspeed": (APPLIED, "merged over what `train.*` / `optim.*` derive (a key that disagrees with them is "
+                           "refused by config validation)"),
 }
 # The keys the data order depends on besides the number of ranks and the micro batch: a change continues
 # the data at the start of the next epoch, so that no sample of the current epoch is seen twice.

@@ -91,13 +91,16 @@ def set_full_state(engine: Any, named: Iterable[tuple[str, nn.Parameter]], full:
     if full["step"] == 0:
         return  # Adam never stepped: a fresh optimizer is the same thing
     optimizer = engine.basic_optimizer
-    step = torch.tensor(float(full["step"]))
+
+    def step() -> torch.Tensor:  # one tensor per parameter: Adam increments each in place
+        return torch.tensor(float(full["step"]))
+
     if _zero_partitioned(engine):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         # Zeroed state for each flat fp32 partition, linked to the parameters, then filled fragment by
         # fragment (each rank keeps the part of every parameter that falls into its partition).
-        _load_states(optimizer, lambda flat: {"step": step, **{k: torch.zeros_like(flat) for k in MOMENTS}})
+        _load_states(optimizer, lambda flat: {"step": step(), **{k: torch.zeros_like(flat) for k in MOMENTS}})
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
         for name, p in named:
@@ -108,7 +111,7 @@ def set_full_state(engine: Any, named: Iterable[tuple[str, nn.Parameter]], full:
 
         def state_of(p: torch.Tensor) -> dict[str, Any]:
             name = by_param[id(p)]
-            return {"step": step, **{k: torch.empty_like(p).copy_(full[k][name]) for k in MOMENTS}}
+            return {"step": step(), **{k: torch.empty_like(p).copy_(full[k][name]) for k in MOMENTS}}
 
         _load_states(optimizer, state_of)
         match_param_layouts(optimizer)
