@@ -14,13 +14,13 @@ setup(
     # Ranges, never exact pins: a cluster keeps its own CUDA build of torch. The versions CI tested are in the
     # README ("Tested versions"); the lower bounds are the oldest releases with the features used here.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.4",  # fused Adam on CPU (found_inf: the non-finite skip); samdiffsr/train/versions.py
         "torchvision>=0.19",
         "numpy>=1.24",
         "pillow>=10.0",
         "pyyaml>=6.0",
         "tqdm>=4.60",
-        "deepspeed>=0.15",
+        "deepspeed>=0.18.0",  # engine.torch_autocast_z0_gradscaler (fp16 on ZeRO 0); samdiffsr/train/versions.py
         "webdataset>=0.2.86,<1.1",  # samdiffsr imports its internals (gopen, shardlists, tariterators)
         "segment-anything>=1.0",
         "pycocotools>=2.0.6",

@@ -57,7 +57,7 @@ def test_bad_yaml_key_names_the_file_key(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = load_config("configs/samdiffsr_df2k4x.yaml", ["deepspeed.zero_optimization={stage: 1}"])
+    cfg = load_config("configs/samdiffsr_df2k4x.yaml", ["train.zero_stage=1", "deepspeed.zero_optimization={stage: 1}"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again, Config)
     assert again.deepspeed == {"zero_optimization": {"stage": 1}}

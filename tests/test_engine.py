@@ -78,20 +78,22 @@ def test_deepspeed_config_is_derived_from_train_and_optim(tmp_path):
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bf16"}
     assert "torch_autocast" not in deepspeed_config(load_config(None, ["train.batch_size=4"]), 1)
 
-    # The deepspeed section (or a JSON file it names) is merged over the derived values.
+    # The deepspeed section (or a JSON file it names) is merged over the derived values; a key that disagrees
+    # with a derived one is refused (tests/test_engine_settings.py).
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_clipping": 2}))
-    cfg = load_config(None, ["train.batch_size=8", f"deepspeed={path}", "deepspeed.wall_clock_breakdown=true"])
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_clipping": 10}))
+    cfg = load_config(None, ["train.batch_size=8", "train.zero_stage=1", f"deepspeed={path}",
+                             "deepspeed.wall_clock_breakdown=true"])
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}
-    assert ds["gradient_clipping"] == 2 and ds["wall_clock_breakdown"] is True
+    assert ds["gradient_clipping"] == 10 and ds["wall_clock_breakdown"] is True
 
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["train.batch_size=6", "train.grad_accum=2"], 2, "not divisible"),
     (["deepspeed.optimizer={type: Adam}"], 1, "deepspeed.optimizer"),
     (["deepspeed.bf16={enabled: true}"], 1, "train.precision=bf16"),
-    (["train.batch_size=8", "deepspeed.train_micro_batch_size_per_gpu=3"], 1, "train_batch_size 8"),
+    (["train.batch_size=8", "deepspeed.train_micro_batch_size_per_gpu=3"], 1, "train_micro_batch_size_per_gpu': 3"),
 ])
 def test_deepspeed_config_errors_name_the_key(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
@@ -226,7 +228,7 @@ def test_nonfinite_losses_skip_the_update_and_stop_the_run(data, tmp_path, zero)
 
 def test_skipped_steps_are_reported_with_their_own_step_numbers(data, tmp_path, caplog):
     # Steps 2.. are NaN; the log interval (5) ends later than the run of bad steps starts.
-    with pytest.raises(NonFiniteLossError, match=r"4 optimizer steps in a row had a NaN/Inf loss \(steps 2 to 5;"):
+    with pytest.raises(NonFiniteLossError, match=r"4 optimizer steps in a row were skipped .* \(steps 2 to 5;"):
         run(data, tmp_path, "optim.lr=1e30", "train.max_steps=20", "train.max_bad_steps=2", "train.log_every=5")
     assert "step(s) 2-5: NaN/Inf loss, the update was skipped" in caplog.text
 
@@ -236,9 +238,9 @@ def test_nonfinite_losses_end_the_command_with_one_line_and_exit_4(data, tmp_pat
                   "train.log_every=5")
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        "train: error: 4 optimizer steps in a row had a NaN/Inf loss (steps 2 to 5; limit train.max_bad_steps=2); "
-        "those updates were skipped, the weights are those of the last good step. Lower optim.lr or check the "
-        "data, then rerun to resume from the last checkpoint."), proc.stderr
+        "train: error: 4 optimizer steps in a row were skipped for a NaN/Inf loss or gradients (steps 2 to 5; limit "
+        "train.max_bad_steps=2); the weights are those of the last good step: rerun the same command with "
+        f"optim.lr=5e+29 (or check the data): it resumes from {tmp_path / 'checkpoints' / 'step00000005'}"), proc.stderr
     assert proc.stderr.count("train: error:") == 1
     assert proc.returncode == EXIT_FAILED and "live child processes: 0" in proc.stdout
 

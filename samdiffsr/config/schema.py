@@ -72,6 +72,9 @@ class OptimConfig:
     decay_steps: int = 200_000
     decay_gamma: float = 0.5
     grad_clip: float = 10.0
+    # Linear warm-up: update k (1-based) of the first warmup_steps uses lr * k / warmup_steps; 0 = none
+    # (the paper). The schedule is samdiffsr/train/schedule.py, documented in docs/training.md.
+    warmup_steps: int = 0
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from samdiffsr.config.schema import Config, ConfigError
 
 
@@ -21,10 +23,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.sr_scale': {m.sr_scale} is not one of 2, 4, 8")
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage': {t.zero_stage} is not one of 0, 1, 2")
+    if t.precision == "fp16" and t.zero_stage:
+        # Checked with deepspeed 0.19.8: on an overflow its ZeRO-1/2 optimizer returns before the autocast
+        # GradScaler's step/update run (the scale never backs off: every later step is skipped), and it clips
+        # the still loss-scaled gradients. ZeRO 1/2 save ~100 MB per GPU on this ~12M-parameter model.
+        raise ConfigError(f"config keys 'train.precision' and 'train.zero_stage': fp16 with ZeRO {t.zero_stage} is "
+                          "refused (DeepSpeed's ZeRO-1/2 optimizer never backs the fp16 loss scale off after an "
+                          "overflow and clips the loss-scaled gradients); use train.zero_stage=0 with fp16, or bf16")
     if d.patch_size % m.sr_scale:
         raise ConfigError(f"config key 'data.patch_size': {d.patch_size} is not a multiple of "
                           f"model.sr_scale={m.sr_scale}")
     _check_ranges(cfg)
+    check_deepspeed_section(cfg, {k: v for k, v in cfg.deepspeed.items() if k != "config_path"}, None)
     _check_levers(cfg)
     _check_val_sampler(cfg)
 
@@ -50,6 +60,7 @@ def _check_ranges(cfg: Config) -> None:
                        ("train.val_crop", t.val_crop), ("train.val_steps", t.val_steps),
                        ("data.workers", d.workers), ("data.shuffle_buffer", d.shuffle_buffer),
                        ("data.samples_per_epoch", d.samples_per_epoch), ("data.val_images", d.val_images),
+                       ("optim.warmup_steps", o.warmup_steps),
                        ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip)):
         _at_least(key, value, 0)
     # Fewer than 2 blocks leave the UNet no RRDB feature (a zero-channel projection, see models/unet.py).
@@ -78,6 +89,62 @@ def _check_levers(cfg: Config) -> None:
     if t.ema_warmup_power and not t.ema_decay:
         raise ConfigError("config keys 'train.ema_warmup_power' and 'train.ema_decay': the EMA warm-up needs an "
                           "EMA (train.ema_decay > 0)")
+
+def _check_val_sampler(cfg: Config) -> None:
+    """The validation sampler: a known one, and the ddpm chain only over all T steps."""
+    m, t = cfg.model, cfg.train
+    _check_choice("train.val_sampler", t.val_sampler, ("ddpm", "ddim", "dpmpp_2m"))
+    if t.val_sampler == "ddpm" and 0 < t.val_steps < m.timesteps:
+        raise ConfigError(f"config keys 'train.val_sampler' and 'train.val_steps': the ddpm sampler runs all "
+                          f"model.timesteps={m.timesteps} steps; set train.val_steps=0, or train.val_sampler=ddim")
+    if not 0 <= t.val_eta <= 1:
+        raise ConfigError(f"config key 'train.val_eta': must be in [0, 1], got {t.val_eta:g}")
+
+# --- the deepspeed: section against what train / optim derive ----------------------------------------
+def derived_engine_settings(cfg: Config, world_size: int | None) -> dict[str, tuple[Any, str]]:
+    """Each DeepSpeed key (dotted) that train / optim decide: (its value, where it comes from, for messages).
+
+    The micro batch needs the world size (None: left out). Under fp32 ``torch_autocast.enabled`` is false.
+    """
+    t, o = cfg.train, cfg.optim
+    settings: dict[str, tuple[Any, str]] = {
+        "train_batch_size": (t.batch_size, f"train.batch_size={t.batch_size}"),
+        "gradient_accumulation_steps": (t.grad_accum, f"train.grad_accum={t.grad_accum}"),
+        "gradient_clipping": (o.grad_clip, f"optim.grad_clip={o.grad_clip:g}"),
+        "zero_optimization.stage": (t.zero_stage, f"train.zero_stage={t.zero_stage}"),
+        "torch_autocast.enabled": (t.precision != "fp32", f"train.precision={t.precision}"),
+    }
+    if t.precision != "fp32":
+        settings["torch_autocast.dtype"] = (t.precision, f"train.precision={t.precision}")
+    if world_size is not None:
+        micro = t.batch_size // (t.grad_accum * world_size)
+        settings["train_micro_batch_size_per_gpu"] = (
+            micro, f"train.batch_size={t.batch_size} / (train.grad_accum={t.grad_accum} x {world_size} ranks)")
+    return settings
+
+
+def check_deepspeed_section(cfg: Config, user: dict[str, Any], world_size: int | None) -> None:
+    """A ``deepspeed:`` key that disagrees with what train / optim derive is refused, naming both.
+
+    Equal values pass, as do keys that train / optim do not decide. One source per setting: the trainer
+    branches on ``train.*`` (ZeRO stage, precision), so a section that changed them behind its back would
+    train something other than what the config says.
+    """
+    for key in ("fp16", "bf16"):
+        if isinstance(user.get(key), dict) and user[key].get("enabled"):
+            raise ConfigError(f"config key 'deepspeed.{key}': use train.precision={key} instead (DeepSpeed's "
+                              f"native {key} casts the diffusion schedule buffers to {key})")
+    for dotted, (value, source) in derived_engine_settings(cfg, world_size).items():
+        node: Any = user
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and node != value:
+            raise ConfigError(f"config key 'deepspeed.{dotted}': {node!r} disagrees with {source} (which sets "
+                              f"{value!r}); one source for each setting: drop it or give the same value")
+
+
+_ABSENT = object()
+
 
 def _check_val_sampler(cfg: Config) -> None:
     """The validation sampler: a known one, and the ddpm chain only over all T steps."""

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from samdiffsr.config import Config, ConfigError, TrainConfig, deep_merge
+from samdiffsr.config.validation import check_deepspeed_section, derived_engine_settings
 from samdiffsr.distributed import derive_seed
 from samdiffsr.models import build_model, load_rrdb_weights
 from samdiffsr.models.diffusion import TrainingLevers
 from samdiffsr.models.inputs import PRECISION_DTYPES
 from samdiffsr.train.ema import EMA
 from samdiffsr.train.nonfinite import GuardedUpdate
+from samdiffsr.train.versions import check_versions
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -29,23 +31,22 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config: derived from ``train`` / ``optim``, then the ``deepspeed:`` section over it.
 
-    ``deepspeed: path.json`` (stored as ``{"config_path": ...}``) reads a DeepSpeed JSON file first.
+    ``deepspeed: path.json`` (stored as ``{"config_path": ...}``) reads a DeepSpeed JSON file first. A key of
+    the section that disagrees with a derived one is refused (config/validation.py: check_deepspeed_section).
     """
     settings = cfg.train
     if settings.batch_size % (settings.grad_accum * world_size):
         raise ConfigError(f"config key 'train.batch_size': {settings.batch_size} is not divisible by "
                           f"train.grad_accum x world size = {settings.grad_accum} x {world_size}")
-    derived: dict[str, Any] = {
-        "train_batch_size": settings.batch_size,
-        "train_micro_batch_size_per_gpu": settings.batch_size // (settings.grad_accum * world_size),
-        "gradient_accumulation_steps": settings.grad_accum,
-        # Always explicit: DeepSpeed's default became 1.0, the paper clips at 10 (0 disables clipping).
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": settings.zero_stage},
-        "wall_clock_breakdown": False,
-    }
-    if autocast_dtype(settings.precision) is not None:
-        derived["torch_autocast"] = {"enabled": True, "dtype": settings.precision}
+    derived: dict[str, Any] = {"wall_clock_breakdown": False}  # a default the section may change
+    for dotted, (value, _) in derived_engine_settings(cfg, world_size).items():
+        if dotted == "torch_autocast.enabled" and not value:
+            continue  # fp32: no torch_autocast section at all
+        *parents, leaf = dotted.split(".")
+        node = derived
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     user = dict(cfg.deepspeed)
     path = user.pop("config_path", None)
     if path:
@@ -57,16 +58,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if key in user:
             raise ConfigError(f"config key 'deepspeed.{key}': the optimizer and its schedule come from the "
                               "'optim' section (fused torch Adam, which the NaN-step skip relies on)")
-    for key in ("fp16", "bf16"):
-        if isinstance(user.get(key), dict) and user[key].get("enabled"):
-            raise ConfigError(f"config key 'deepspeed.{key}': use train.precision={key} instead (DeepSpeed's "
-                              f"native {key} casts the diffusion schedule buffers to {key})")
-    merged = deep_merge(derived, user)
-    micro, accum = merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]
-    if merged["train_batch_size"] != micro * accum * world_size:
-        raise ConfigError(f"config key 'deepspeed': train_batch_size {merged['train_batch_size']} != micro batch "
-                          f"{micro} x gradient_accumulation_steps {accum} x world size {world_size}")
-    return merged
+    check_deepspeed_section(cfg, user, world_size)
+    return deep_merge(derived, user)
 
 
 class TrainingObjective(nn.Module):
@@ -128,13 +121,14 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device, load_rrdb: bool) -> Trainer:
-    """Network, fused Adam, step-decay schedule and DeepSpeed engine.
+    """Network, fused Adam and DeepSpeed engine (the lr schedule is set before each update: train/schedule.py).
 
     The same seed on every rank (and in any world size) gives the same initial weights, so a 2-rank run and
     a 1-process run start from the same point.
     """
     import deepspeed
 
+    check_versions()  # an older DeepSpeed / torch fails here in one line, not with an AttributeError later
     settings, optim = cfg.train, cfg.optim
     torch.manual_seed(settings.seed)
     net = build_network(cfg, load_rrdb=load_rrdb)
@@ -146,10 +140,9 @@ def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device,
     trainable = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
                                  fused=True)
-    # The paper's step decay, lr * gamma ** (step // decay_steps); DeepSpeed steps and checkpoints it.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda s: optim.decay_gamma ** (s // optim.decay_steps))
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+    # No DeepSpeed lr_scheduler: the schedule is a function of the loop's step, set before each update
+    # (train/schedule.py), so that skips and a changed optim.lr on resume act the same on every ZeRO stage.
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size), dist_init_required=False)
     if settings.channels_last and settings.zero_stage == 0:
         # Only now: DeepSpeed's initial broadcast views each parameter as bytes (default layout only), and

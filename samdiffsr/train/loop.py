@@ -19,11 +19,12 @@ import torch.distributed as dist
 
 from samdiffsr.data.stream import TrainStream
 from samdiffsr.train.build import Trainer, autocast_dtype
-from samdiffsr.train.checkpoints import Checkpoints
+from samdiffsr.train.checkpoints import Checkpoints, tag_for
 from samdiffsr.train.collective import any_rank, gather, stop_group, weights_digest
 from samdiffsr.train.logs import RunLog
-from samdiffsr.train.nonfinite import NonFiniteSteps
+from samdiffsr.train.nonfinite import NonFiniteSteps, rerun_advice
 from samdiffsr.train.resume import RunState, save
+from samdiffsr.train.schedule import lr_at
 from samdiffsr.train.step import train_step
 from samdiffsr.train.validation import ValSampler, validate
 
@@ -50,7 +51,8 @@ def train_loop(trainer: Trainer, run: RunState, *, stream: TrainStream, val_set:
     try:
         while run.step < settings.max_steps and not stopped:
             log_step = (run.step + 1) % settings.log_every == 0
-            outcome = train_step(trainer, batches, with_grad_norm=log_step and settings.zero_stage == 0)
+            outcome = train_step(trainer, batches, with_grad_norm=log_step and settings.zero_stage == 0,
+                                 step=run.step)
             nonfinite.count(run.step + 1, outcome.skipped)
             run.step, run.position = run.step + 1, outcome.position
             runlog.step(run.step, outcome.loss, outcome.skipped, outcome.data_wait)
@@ -60,7 +62,7 @@ def train_loop(trainer: Trainer, run: RunState, *, stream: TrainStream, val_set:
             checkpoint_now = run.step % settings.ckpt_every == 0 or run.step == settings.max_steps or stopped
             if run.step % settings.log_every == 0 or checkpoint_now:
                 logged = end_log_interval(trainer, runlog, run.step, stream, nonfinite, outcome.grad_norm)
-                nonfinite.check(run.step, settings.max_bad_steps)
+                nonfinite.check(run.step, settings.max_bad_steps, save=lambda: save_for_rerun(trainer, ckpts, run))
             paused = time.perf_counter()
             if checkpoint_now:
                 save(trainer, ckpts, run)
@@ -100,7 +102,7 @@ def end_log_interval(trainer: Trainer, runlog: RunLog, step: int, stream: TrainS
     data_errors = {k: int(v) for k, v in zip(stream.counts, errors.tolist(), strict=True)}
     if grad_norm is None and engine.get_global_grad_norm() is not None:
         grad_norm = torch.as_tensor(engine.get_global_grad_norm())
-    scalars = {"lr": engine.get_lr()[0], "nonfinite_steps": float(nonfinite.total),
+    scalars = {"lr": lr_at(trainer.cfg.optim, step), "nonfinite_steps": float(nonfinite.total),
                "engine_skipped_steps": float(engine.skipped_steps)}
     scalars.update({f"data/{k}": float(v) for k, v in data_errors.items()})
     if grad_norm is not None:
@@ -109,6 +111,14 @@ def end_log_interval(trainer: Trainer, runlog: RunLog, step: int, stream: TrainS
     if loss_scale is not None:
         scalars["loss_scale"] = loss_scale
     return Logged(loss=runlog.flush(step, scalars)["loss"], data_errors=data_errors)
+
+
+def save_for_rerun(trainer: Trainer, ckpts: Checkpoints, run: RunState) -> str:
+    """Before a non-finite stop: a checkpoint of this step (skipped updates changed nothing, so its weights
+    are the last good step's) and the advice naming it. Collective."""
+    if run.last_saved != run.step:
+        save(trainer, ckpts, run)
+    return rerun_advice(trainer.cfg.optim.lr, trainer.cfg.train.resume, ckpts.dir / tag_for(run.step))
 
 
 def validate_weights(trainer: Trainer, val_set: list[dict[str, Any]], runlog: RunLog, step: int) -> None:
