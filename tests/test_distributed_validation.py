@@ -16,7 +16,6 @@ from train_helpers import REPO, SCALE, TINY, torchrun, write_rrdb_weights, write
 from samdiffsr.config import ConfigError, load_config
 from samdiffsr.data.pairs import load_val_images
 from samdiffsr.models import build_model
-from samdiffsr.train.validation import ValSampler, validate_share
 
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -31,6 +30,8 @@ def test_the_default_validation_sampler_is_respaced_ancestral_with_10_steps():
 
 
 def test_an_images_noise_depends_on_its_position_alone(tmp_path):
+    from samdiffsr.train.validation import ValSampler, validate_share
+
     val = write_shards(tmp_path / "val", sizes=(3,), tile=64, seed=5)
     torch.manual_seed(0)
     model = build_model(load_config(DEMO, TINY).model)
