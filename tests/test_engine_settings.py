@@ -3,8 +3,8 @@
 - fp16 with ZeRO 1/2 is refused (DeepSpeed's ZeRO optimizer never backs the loss scale off), and a
   ``deepspeed:`` key that disagrees with ``train.*`` / ``optim.*`` is refused, each in one line naming the keys.
 - The lr schedule is ours (train/schedule.py): checked by hand at a few steps; a skipped step moves it the same
-  way on ZeRO 0 and ZeRO 2; a new ``optim.lr`` / decay / ``optim.grad_clip`` given on resume applies from the
-  first resumed step, also over an old checkpoint that carries a DeepSpeed scheduler state.
+  way on ZeRO 0 and ZeRO 2; a new ``optim.lr`` / decay / warm-up / ``optim.grad_clip`` given on resume applies
+  from the first resumed step, also over an old checkpoint that carries a DeepSpeed scheduler state.
 - Every update not applied counts as skipped (fp16 back-offs too), so ``train.max_bad_steps`` fires; the stop
   saves a checkpoint and its one-line advice is a rerun that really resumes from it with the lower lr.
 - The version floors of setup.py are checked at start, in one line.
@@ -151,12 +151,13 @@ def test_a_new_lr_decay_and_clip_on_resume_apply_from_the_first_resumed_step(dat
                              "lr_lambdas": [None], "verbose": False, "_get_lr_called_within_step": False}
     torch.save(state, model_file)
     new = ["train.zero_stage=1", f"optim.lr={LR / 4}", "optim.decay_steps=3", "optim.decay_gamma=0.1",
-           "optim.grad_clip=0.5", "train.max_steps=4"]
+           "optim.warmup_steps=4", "optim.grad_clip=0.5", "train.max_steps=4"]
     out = run(data, tmp_path, "good", *new)
     assert out["resumed_from"].endswith("step00000002")
     assert used(tmp_path, 2) == {"lr": LR, "clip_grad": 10.0}
-    # Update 3 uses the new lr at step 2 (2 // 3 = 0: no decay yet), update 4 the new decay (3 // 3 = 1).
-    assert used(tmp_path, 3) == {"lr": pytest.approx(LR / 4, rel=1e-12), "clip_grad": 0.5}
+    # Update 3 uses the new lr at step 2: no decay yet (2 // 3 = 0), 3/4 of the way through the warm-up;
+    # update 4 the new decay (3 // 3 = 1), the warm-up over (update 4 of 4).
+    assert used(tmp_path, 3) == {"lr": pytest.approx(LR / 4 * 3 / 4, rel=1e-12), "clip_grad": 0.5}
     assert used(tmp_path, 4) == {"lr": pytest.approx(LR / 4 * 0.1, rel=1e-12), "clip_grad": 0.5}
 
 
@@ -200,6 +201,19 @@ def test_the_nonfinite_stop_saves_and_its_advice_resumes_from_there_with_the_low
     out = run(data, tmp_path, "good", "train.max_steps=5", "train.ckpt_every=1000", f"optim.lr={lower}")
     assert out["resumed_from"] == str(tag) and out["nonfinite_steps"] == 0
     assert used(tmp_path, 5)["lr"] == LR / 2 and scalars(tmp_path, "train/lr")[5] == pytest.approx(LR / 2)
+
+
+
+def test_the_rerun_advice_names_the_checkpoint_when_the_command_resumes_from_another():
+    from samdiffsr.train.nonfinite import rerun_advice
+
+    tag = Path("runs/x/checkpoints/step00000400")
+    assert rerun_advice(2e-4, "auto", tag) == ("rerun the same command with optim.lr=0.0001 (or check the data): "
+                                               "it resumes from runs/x/checkpoints/step00000400")
+    # An explicit train.resume (or never) would not reach the checkpoint just saved: the advice names it.
+    for setting in ("runs/old/checkpoints/step00000100", "never"):
+        assert rerun_advice(2e-4, setting, tag).startswith(
+            f"rerun the same command with optim.lr=0.0001 train.resume={tag} (or check the data)")
 
 
 # --- version floors -----------------------------------------------------------------------------------
