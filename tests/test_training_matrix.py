@@ -32,6 +32,7 @@ import pytest
 import torch
 from matrix_reference import (
     ACCUMS,
+    CLIP,
     FP16_OVERFLOW_MASK,
     LR,
     NAN_MASK,
@@ -53,7 +54,7 @@ from samdiffsr.distributed import free_port
 CASES = [(p, z, a, r) for p in PRECISIONS for z in STAGES for a in ACCUMS for r in RANKS]
 # Per precision: relative error of each step's loss and gradient norm; relative L2 distance between the
 # engine's and the reference's weight updates (final - initial weights). Measured maxima over the matrix
-# are in docs/training.md ("The configuration matrix"); these leave ~10x headroom above them.
+# are in docs/training.md ("The configuration matrix"); these are 8x or more above them.
 TOLERANCES = {
     "fp32": {"loss": 1e-6, "grad_norm": 2e-5, "update": 5e-5},
     "bf16": {"loss": 1e-4, "grad_norm": 2e-2, "update": 5e-2},
@@ -147,7 +148,7 @@ def check_against_reference(engine: dict, ref: dict, case: tuple[str, int, int, 
     assert engine["skipped"] == ref["skipped"]
     # The logged lr after step s is the lr of update s + 1: lr * gamma ** (s // decay_steps).
     assert engine["lr"] == pytest.approx(ref["lr_next"], rel=1e-12)
-    assert all(n > 0.05 for k, n in enumerate(ref["grad_norm"]) if k not in skip)  # clipping was active
+    assert all(n > CLIP for k, n in enumerate(ref["grad_norm"]) if k not in skip)  # clipping was active
     found = differences(engine, ref, skip)
     print(f"\nmeasured {case_name(case)}: " + ", ".join(f"{k} {v:.1e}" for k, v in found.items()))
     for key, tolerance in TOLERANCES[case[0]].items():
