@@ -83,7 +83,8 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
         assert moved > 0 and apart <= 1e-5 * moved, (name, float(apart), float(moved))
 
 
-@pytest.mark.parametrize("zero, precision", [(0, "bf16"), (1, "fp32"), (2, "fp16")])
+# fp16 runs ZeRO 0 only: with ZeRO 1/2 it is refused (docs/training.md, Precision).
+@pytest.mark.parametrize("zero, precision", [(0, "fp16"), (1, "fp32"), (2, "bf16")])
 def test_zero_stages_and_precisions_run_on_uneven_shards(data, tmp_path, zero, precision):
     # 8 tiles over shards of 1, 5 and 2: 2 micro-batches of 2 per rank and epoch; 5 steps cross 2 epoch ends.
     extra = [f"train.zero_stage={zero}", f"train.precision={precision}", "train.batch_size=4",
