@@ -34,9 +34,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.patch_size': {d.patch_size} is not a multiple of "
                           f"model.sr_scale={m.sr_scale}")
     _check_ranges(cfg)
-    check_deepspeed_section(cfg, {k: v for k, v in cfg.deepspeed.items() if k != "config_path"}, None)
     _check_levers(cfg)
     _check_val_sampler(cfg)
+    check_deepspeed_section(cfg, {k: v for k, v in cfg.deepspeed.items() if k != "config_path"}, None)
 
 
 def _at_least(key: str, value: float, low: float, meaning: str = "") -> None:
@@ -90,15 +90,6 @@ def _check_levers(cfg: Config) -> None:
         raise ConfigError("config keys 'train.ema_warmup_power' and 'train.ema_decay': the EMA warm-up needs an "
                           "EMA (train.ema_decay > 0)")
 
-def _check_val_sampler(cfg: Config) -> None:
-    """The validation sampler: a known one, and the ddpm chain only over all T steps."""
-    m, t = cfg.model, cfg.train
-    _check_choice("train.val_sampler", t.val_sampler, ("ddpm", "ddim", "dpmpp_2m"))
-    if t.val_sampler == "ddpm" and 0 < t.val_steps < m.timesteps:
-        raise ConfigError(f"config keys 'train.val_sampler' and 'train.val_steps': the ddpm sampler runs all "
-                          f"model.timesteps={m.timesteps} steps; set train.val_steps=0, or train.val_sampler=ddim")
-    if not 0 <= t.val_eta <= 1:
-        raise ConfigError(f"config key 'train.val_eta': must be in [0, 1], got {t.val_eta:g}")
 
 # --- the deepspeed: section against what train / optim derive ----------------------------------------
 def derived_engine_settings(cfg: Config, world_size: int | None) -> dict[str, tuple[Any, str]]:
