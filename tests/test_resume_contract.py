@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import REPO, TINY, load_net_state, read_losses, write_rrdb_weights, write_shards
 
 from samdiffsr.train import checkpoints
-from samdiffsr.train.contract import APPLIED, CONTRACT, CONVERTED, REFUSED, config_keys, contract_of
 from samdiffsr.train.engine import main
 
 
@@ -41,19 +41,21 @@ def stop_after(n: int):
 
 
 # --- channels_last toggled across a resume (ZeRO 0) --------------------------------------------------------
-@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
-def test_channels_last_toggled_at_a_resume_keeps_adam_right(data, tmp_path, before, after):
+def test_channels_last_toggled_at_a_resume_keeps_adam_right(data, tmp_path):
     # Fused Adam pairs a parameter with its moments by memory position: moments restored in the other layout
-    # would update each weight with another weight's moments. The resumed run must end where the
-    # uninterrupted one does, up to the rounding of the two convolution layouts (measured: ~1e-7; corrupted
-    # moments move weights by ~lr = 5e-4).
+    # would update each weight with another weight's moments. A run toggled either way at step 2 must end
+    # where the uninterrupted one does, up to the rounding of the two convolution layouts (measured: ~1e-7;
+    # corrupted moments move weights by ~lr = 5e-4, 1.6e-3 measured on the code before the fix).
     common = ["train.max_steps=4", "train.ckpt_every=1000"]
-    run(data, tmp_path / "full", *common, f"train.channels_last={before}")
-    run(data, tmp_path / "part", *common, f"train.channels_last={before}", stop=stop_after(2))
-    run(data, tmp_path / "part", *common, f"train.channels_last={after}")
-    full, part = load_net_state(tmp_path / "full"), load_net_state(tmp_path / "part")
-    worst = max(float((full[k] - part[k]).abs().max()) for k in full)
-    assert worst < 2e-6, worst
+    run(data, tmp_path / "full", *common, "train.channels_last=false")
+    full = load_net_state(tmp_path / "full")
+    for before, after in ((False, True), (True, False)):
+        part = tmp_path / f"part_{before}_{after}"
+        run(data, part, *common, f"train.channels_last={before}", stop=stop_after(2))
+        run(data, part, *common, f"train.channels_last={after}")
+        weights = load_net_state(part)
+        worst = max(float((full[k] - weights[k]).abs().max()) for k in full)
+        assert worst < 2e-6, (before, after, worst)
 
 
 # --- `latest` is the truth; rollbacks ----------------------------------------------------------------------
@@ -104,6 +106,8 @@ def test_rollback_moves_the_newer_checkpoints_aside_and_a_preemption_continues_t
 
 # --- the contract: docs table == code, refusals, settings applied ------------------------------------------
 def docs_table() -> dict[str, tuple[str, str]]:
+    from samdiffsr.train.contract import APPLIED, CONVERTED, REFUSED
+
     text = (REPO / "docs" / "training.md").read_text()
     section = text[text.index("## Resume: the contract"):]
     section = section[:section.index("\n## ")]
@@ -116,6 +120,8 @@ def docs_table() -> dict[str, tuple[str, str]]:
 
 
 def test_the_docs_table_is_the_contract_and_every_config_key_has_a_row():
+    from samdiffsr.train.contract import CONTRACT, config_keys, contract_of  # (new: imported here, so that the
+    # other tests of this file also run on the code before it)
     assert docs_table() == CONTRACT
     assert all(contract_of(key) for key in config_keys())  # KeyError names a key without a row
 
@@ -129,12 +135,22 @@ def test_a_refused_change_is_one_line_before_anything_loads(data, tmp_path):
         run(data, tmp_path, "train.max_steps=2", "train.freeze_rrdb=false")
 
 
-def test_adam_settings_given_on_resume_apply(data, tmp_path):
+def data_position(run_dir: Path, step: int) -> list[int]:
+    tag_dir = run_dir / "checkpoints" / checkpoints.tag_for(step)
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["data_position"]
+
+
+def test_adam_settings_given_on_resume_apply_and_a_new_data_order_starts_at_the_next_epoch(data, tmp_path):
     # The param groups restored from a checkpoint would keep the old betas and weight decay.
     run(data, tmp_path / "a", "train.max_steps=3", stop=stop_after(2))
     step2 = tmp_path / "a" / "checkpoints" / checkpoints.tag_for(2)
     run(data, tmp_path / "same", "train.max_steps=3", f"train.resume={step2}")
-    run(data, tmp_path / "new", "train.max_steps=3", f"train.resume={step2}", "optim.weight_decay=1.0",
+    run(data, tmp_path / "adam", "train.max_steps=3", f"train.resume={step2}", "optim.weight_decay=1.0",
         "optim.betas=[0.5,0.9]")
-    same, new = load_net_state(tmp_path / "same"), load_net_state(tmp_path / "new")
-    assert max(float((same[k] - new[k]).abs().max()) for k in same) > 1e-5
+    same, adam = load_net_state(tmp_path / "same"), load_net_state(tmp_path / "adam")
+    assert max(float((same[k] - adam[k]).abs().max()) for k in same) > 1e-5
+    # 12 tiles, batch 4: 3 batches an epoch. Step 2 ended at (epoch 0, batch 2). Another shuffle buffer is
+    # another order of epoch 0: its rest would repeat samples, so the run goes on with epoch 1.
+    run(data, tmp_path / "order", "train.max_steps=3", f"train.resume={step2}", "data.shuffle_buffer=2")
+    assert data_position(tmp_path / "a", 2) == [0, 2] and data_position(tmp_path / "adam", 3) == [0, 3]
+    assert data_position(tmp_path / "order", 3) == [1, 1]

@@ -24,7 +24,7 @@ from samdiffsr.models import save_weights
 from samdiffsr.train import checkpoints, optimizer_state, rng
 from samdiffsr.train.build import Trainer
 from samdiffsr.train.collective import gather
-from samdiffsr.train.contract import ORDER_KEYS, changed_keys
+from samdiffsr.train.contract import CONVERTED, ORDER_KEYS, changed_keys, contract_of
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,9 @@ def _order_changes(client: dict[str, Any], trainer: Trainer, changed: list[str])
 def _report(converted: str | None, changed: list[str], order: list[str], reseeded: bool) -> None:
     """One line saying what the resume changed, when it changed anything."""
     parts = [f"optimizer state converted ({converted})"] if converted else []
-    if changed:
-        parts.append(f"settings changed: {', '.join(changed)}")
+    converting = [k for k in changed if contract_of(k)[0] == CONVERTED]
+    if converting:
+        parts.append(f"converted for the changed {', '.join(converting)}")
     if order:
         parts.append(f"the data continue at the start of the next epoch ({', '.join(order)} changed the order)")
     if reseeded:
