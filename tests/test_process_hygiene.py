@@ -1,7 +1,8 @@
 """How multi-rank runs end (samdiffsr/cli.py, samdiffsr/distributed.py, samdiffsr/train/collective.py).
 
 - A user error on one rank alone is printed once, by that rank, and every rank exits with its status, soon.
-- DeepSpeed's CPU all-reduce workspaces (``/dev/shm/deepspeed_allreduce_buffer_*``) are gone after the run.
+- DeepSpeed's CPU all-reduce workspaces (``/dev/shm/deepspeed_allreduce_buffer_*``) are gone after the run
+  (crashed, finished), and already once the group exists, so that no way of ending (a stop, kill -9) leaves one.
 - Relaunching a finished 2-rank run exits 0, with no ``terminate called`` from a thread left at exit.
 
 The ranks are started as plain processes with torchrun's variables (nobody kills a rank for another's exit,
@@ -30,13 +31,16 @@ pytestmark = pytest.mark.slow
 TRAIN = [sys.executable, str(REPO / "launcher" / "train.py")]
 # A rank that fails alone, then waits for its peer in a collective: the peer must end it, not a timeout.
 PROBE = """
-import sys
+import glob, os, sys
 import torch.distributed as dist
 from samdiffsr.cli import UserError, run_cli
 from samdiffsr.train.collective import init_distributed
 
 def main():
     rank, _, _ = init_distributed()
+    # Its DeepSpeed workspace is unlinked once the group exists: no later way of ending can leave it.
+    mine = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ['MASTER_PORT']}_{rank}")
+    print(f"workspace files after init: {len(mine)}", flush=True)
     if rank == 1:
         raise UserError("only rank 1 sees this")
     dist.barrier()  # rank 0 waits for rank 1, which is gone
@@ -81,6 +85,7 @@ def test_a_user_error_on_a_nonzero_rank_alone_is_printed_once_by_it():
     assert error_lines(ranks[1].stderr) == ["probe: error: only rank 1 sees this"], ranks[1].stderr
     assert error_lines(ranks[0].stderr) == [] and "Traceback" not in ranks[0].stderr, ranks[0].stderr
     assert [r.returncode for r in ranks] == [EXIT_USAGE, EXIT_USAGE], [r.stderr for r in ranks]
+    assert [r.stdout.splitlines()[-1] for r in ranks] == ["workspace files after init: 0"] * 2
     assert shm_files(port) == []
 
 
