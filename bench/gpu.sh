@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 14's GPU acceptance run, prepared as one script: at most 8 minutes on one H100/H200 (every section
-# has a time limit, all of them inside a 470 s budget) and one log. Sections:
+# Issue 14's GPU acceptance run, prepared as one script: at most 9.5 minutes on one H100/H200 (every section
+# has a time limit, all of them inside a 560 s budget) and one log. Sections:
 #   1 training step   paper model, fp32 eager / bf16 / bf16+channels_last / bf16+channels_last+compile at
 #                     batch 64 and 32, patch 160: s/step, samples/s, ratio to fp32, counted FLOPs, MFU, peak
 #                     memory; the largest batch that fits                              (bench/train_step.py)
@@ -12,6 +12,9 @@
 #   4 loader          the training loader with 4 and 8 workers against the GPU's samples/s (bench/loader.py)
 #   5 SAM masks       make_shards --sam-checkpoint, random ViT-H, 4 photos at 2K: images/s, memory, workers
 #                     per GPU, GPU-hours for DF2K                                      (bench/sam_masks.py)
+#   6 precision matrix issue 19: fp32 (TF32 off) / bf16 / fp16 x ZeRO 0/1/2 x grad_accum 1/3, 3 engine steps
+#                     each against the plain PyTorch reference on the device; refused cells with their reason;
+#                     a table and PASS / FAIL per cell (runs after 2)                  (bench/gpu_matrix.py)
 #   summary           the issue's goals, PASS / FAIL / missing                         (bench/gpu_summary.py)
 #
 #   bash bench/gpu.sh [LOG]                      on the GPU; LOG defaults to bench/gpu-<date>.log
@@ -37,6 +40,7 @@ if [ "$smoke" = 1 ]; then
   sweep_args=(--images 4 --crop 64 --batch 4 --precision fp32)
   loader_args=(--batches 4 --warmup 1 "${data_small[@]}")
   sam_args=(--model-type vit_tiny --long-side 256 --images 2 --amg points_per_side=4)
+  matrix_args=(--accums 1)
   budget=${BUDGET_S:-2400}
   stretch=6  # section limits x6: a shared 2-core CPU is slow even at these sizes; the budget still caps them
 else
@@ -45,7 +49,8 @@ else
   sweep_args=(--images 32 --crop 256 --batch 32 --precision bf16)
   loader_args=(--batches 30 --warmup 3)
   sam_args=(--model-type vit_h --long-side 2040)
-  budget=${BUDGET_S:-470}
+  matrix_args=()
+  budget=${BUDGET_S:-560}
   stretch=1
 fi
 
@@ -75,6 +80,8 @@ main() {
 
   section "1 training step" 170 python bench/train_step.py --device "$device" --variants gpu --json "$work" "${step_args[@]}"
   section "2 training run" 170 python bench/gpu_train_run.py --work "$work" --device "$device" "${run_args[@]}"
+  # The matrix runs third (its own tiny model and data), so that a spent budget cuts a benchmark, not it.
+  section "6 precision matrix" 90 python bench/gpu_matrix.py --work "$work" --device "$device" "${matrix_args[@]}"
   section "3 sampling" 60 python bench/sample_sweep.py --run "$work/runs/A" --work "$work" --device "$device" "${sweep_args[@]}"
   section "4 loader" 45 python bench/loader.py --shards "$work/shards/train" --work "$work" --device "$device" --workers 4,8 "${loader_args[@]}"
   section "5 SAM masks" 150 python bench/sam_masks.py --work "$work" --device "$device" "${sam_args[@]}"

@@ -28,6 +28,7 @@ def goals(work: str) -> list[tuple[str, str, bool | None]]:
     row = (((steps or {}).get("batches", {}).get(batch) or {}).get("variants") or {}).get(FAST) or {}
     speed, mfu = row.get("vs_fp32"), row.get("mfu")
     wait = (run or {}).get("wait_steady")
+    matrix = read_json(work, "gpu_matrix")
     return [
         (f"{FAST} >= 3x fp32 eager (batch {batch})", "-" if speed is None else f"{speed:.2f}x",
          None if speed is None else speed >= 3),
@@ -38,6 +39,10 @@ def goals(work: str) -> list[tuple[str, str, bool | None]]:
         ("resume after SIGKILL within tolerance", "-" if run is None else
          f"max rel. diff {max(run['max_rel_before'], run['max_rel_after']):.2e} <= {run['tolerance']:.0e}",
          None if run is None else bool(run["passed"])),
+        ("configuration matrix equals the reference (every accepted cell)", "-" if matrix is None else
+         f"{sum(r['result'] == 'PASS' for r in matrix['rows'])} PASS, {len(matrix['failed'])} FAIL, "
+         f"{sum(r['result'] == 'refused' for r in matrix['rows'])} refused", None if matrix is None else
+         bool(matrix["passed"])),
     ]
 
 
@@ -62,7 +67,7 @@ def main(argv: list[str]) -> int:
     largest = steps.get("largest_batch")
     if largest:
         print(f"largest batch that fits ({largest['variant']}): {largest['largest']}")
-    missing = [name for name in ("train_step", "gpu_train_run", "sample_sweep", "loader", "sam_masks")
+    missing = [name for name in ("train_step", "gpu_train_run", "sample_sweep", "loader", "sam_masks", "gpu_matrix")
                if read_json(work, name) is None]
     print("sections without results: " + (", ".join(missing) if missing else "none"))
     return 0

@@ -32,7 +32,8 @@ def test_smoke_mode_runs_every_section_and_logs_its_figures(tmp_path):
     log = log_path.read_text()
     assert done.returncode == 0, log[-6000:]
     found = sections(log)
-    for title in ("1 training step", "2 training run", "3 sampling", "4 loader", "5 SAM masks", "summary"):
+    for title in ("1 training step", "2 training run", "3 sampling", "4 loader", "5 SAM masks", "6 precision matrix",
+                  "summary"):
         assert title in found, f"no section {title!r} in the log"
         assert re.search(rf"^\[{re.escape(title)}: exit 0 after {NUMBER} s", found[title], re.M), found[title][-2000:]
 
@@ -60,7 +61,14 @@ def test_smoke_mode_runs_every_section_and_logs_its_figures(tmp_path):
     assert re.search(rf"steady {NUMBER} s/image = {NUMBER} images/s", sam)
     assert len(re.findall(rf"make_shards --workers [12]: {NUMBER} s end to end", sam)) == 2
     assert re.search(rf"DF2K \(3450 images of about this size\): {NUMBER} GPU-hours", sam)
+    matrix = found["6 precision matrix"]  # smoke: grad_accum 1, fp32 / bf16 x ZeRO 0-2 and fp16 x ZeRO 0 pass
+    for cell in ("fp32-zero0", "fp32-zero1", "fp32-zero2", "bf16-zero0", "bf16-zero1", "bf16-zero2", "fp16-zero0"):
+        assert re.search(rf"^{cell}-accum1-ranks1 +PASS +loss ", matrix, re.M), matrix
+    refused = r"^fp16-zero1-accum1-ranks1 +refused .*'train\.precision'.*'train\.zero_stage'"
+    assert re.search(refused, matrix, re.M), matrix
+    assert "matrix: 7 cells PASS, 0 FAIL, 2 refused" in matrix
     summary = found["summary"]
     assert "sections without results: none" in summary
-    assert len(re.findall(r"^(PASS|FAIL|missing)\s", summary, re.M)) == 4
+    assert len(re.findall(r"^(PASS|FAIL|missing)\s", summary, re.M)) == 5
+    assert re.search(r"^PASS +configuration matrix equals the reference", summary, re.M), summary
     assert "sections that did not finish: none" in log
