@@ -13,7 +13,8 @@ Files in the run folder:
   dropped (they belong to the part of the run that is being redone), like TensorBoard's ``purge_step``.
 - ``summary.json``: written when training ends.
 
-Steps whose update was skipped (NaN/Inf loss) are also named in a warning at the log interval that holds them.
+Steps whose update was skipped (a NaN/Inf loss, or an fp16 overflow that backed the loss scale off) are also
+named in a warning at the log interval that holds them.
 
 Per-step values stay on the device until a log interval (no ``.item()`` per step).
 """
@@ -227,7 +228,7 @@ class RunLog:
         out["loss"] = losses[-1]
         bad = [s for s, skip in zip(self._steps, skipped, strict=True) if skip]
         if self.enabled and bad:
-            log.warning("step(s) %s: NaN/Inf loss, the update was skipped", step_ranges(bad))
+            log.warning("step(s) %s: update skipped (NaN/Inf loss or gradients)", step_ranges(bad))
         if self.enabled:
             with self.losses_path.open("a") as f:
                 for s, loss, skip in zip(self._steps, losses, skipped, strict=True):
