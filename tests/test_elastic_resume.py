@@ -19,7 +19,7 @@ import torch
 from elastic_probe import probe
 from train_helpers import REPO, TINY, load_net_state, rank_env, torchrun, write_rrdb_weights, write_shards
 
-from samdiffsr.distributed import free_port
+from samdiffsr.distributed import derive_seed, free_port
 from samdiffsr.io import torch_load
 from samdiffsr.train import checkpoints
 from samdiffsr.train.engine import main
@@ -58,7 +58,15 @@ def saved(run_dir: Path, step: int) -> dict:
     weights = torch.load(run_dir / "weights" / f"{checkpoints.tag_for(step)}.pt", weights_only=True)
     client = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
     return {"full": torch_load(tag_dir / FULL_STATE, AssertionError), "weights": weights["model"],
-            "ema": weights["ema"], "position": client["data_position"], "world_size": client["stream_key"][0]}
+            "ema": weights["ema"], "position": client["data_position"], "world_size": client["stream_key"][0],
+            "seed": client["config"]["train"]["seed"], "rng": [torch.load(f, weights_only=True)["generator"]
+                                                              for f in sorted(tag_dir.glob("rng_rank*.pt"))]}
+
+
+def next_draws(state: torch.Tensor | None = None, seed: int = 0) -> list[float]:
+    generator = torch.Generator()
+    generator.set_state(state) if state is not None else generator.manual_seed(seed)
+    return torch.rand(2, generator=generator).tolist()
 
 
 def assert_restored(got: dict, ref: dict, step: int, world_size: int) -> None:
@@ -75,10 +83,12 @@ def assert_restored(got: dict, ref: dict, step: int, world_size: int) -> None:
     assert any(not torch.equal(got["ema"][n], got["weights"][n]) for n in averaged)  # an average, not a copy
     assert got["loss_scale"] is None and got["lr"] == 5e-4  # fp32; the lr is the config's, step-decay far away
     epoch, index = ref["position"]
-    if world_size == ref["world_size"]:
+    if world_size == ref["world_size"]:  # each rank's diffusion RNG continues where it was
         assert got["position"] == [epoch, index]
-    else:  # another number of ranks: the next epoch, from its start
+        assert got["draws"] == [next_draws(state) for state in ref["rng"]]
+    else:  # another number of ranks: the next epoch, from its start; the RNG reseeded from (seed, rank, step)
         assert got["position"] == [epoch + 1, 0]
+        assert got["draws"] == [next_draws(seed=derive_seed(ref["seed"], r, 1, step) >> 1) for r in range(world_size)]
 
 
 def test_zero2_on_2_ranks_resumes_on_1_rank_zero1_and_2_ranks_zero0_and_back(data, tmp_path):
