@@ -120,6 +120,20 @@ class Trainer:
     ema: EMA | None = None
 
 
+def forget_autocast_of_earlier_engines() -> None:
+    """Reset DeepSpeed's process-wide autocast state before building an engine.
+
+    DeepSpeed (checked with 0.19.8) records the torch_autocast dtype of the first autocast engine in module
+    globals of ``deepspeed.runtime.torch_autocast`` and never clears them; an fp32 ZeRO 1/2 engine built later
+    in the same process (tests, notebooks, sweeps) then makes an fp16 GradScaler and trains with it (gradient
+    norm 65536x, updates cut by clipping: tests/test_training_matrix.py). An autocast config sets them again
+    in ``deepspeed.initialize``.
+    """
+    from deepspeed.runtime import torch_autocast
+
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
+
+
 def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device, load_rrdb: bool) -> Trainer:
     """Network, fused Adam and DeepSpeed engine (the lr schedule is set before each update: train/schedule.py).
 
@@ -142,6 +156,7 @@ def build_trainer(cfg: Config, rank: int, world_size: int, device: torch.device,
                                  fused=True)
     # No DeepSpeed lr_scheduler: the schedule is a function of the loop's step, set before each update
     # (train/schedule.py), so that skips and a changed optim.lr on resume act the same on every ZeRO stage.
+    forget_autocast_of_earlier_engines()
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size), dist_init_required=False)
     if settings.channels_last and settings.zero_stage == 0:
