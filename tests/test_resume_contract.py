@@ -154,3 +154,14 @@ def test_adam_settings_given_on_resume_apply_and_a_new_data_order_starts_at_the_
     run(data, tmp_path / "order", "train.max_steps=3", f"train.resume={step2}", "data.shuffle_buffer=2")
     assert data_position(tmp_path / "a", 2) == [0, 2] and data_position(tmp_path / "adam", 3) == [0, 3]
     assert data_position(tmp_path / "order", 3) == [1, 1]
+
+
+def test_a_checkpoint_without_the_rank_independent_optimizer_state_is_refused_on_another_stage(data, tmp_path):
+    # Written before optimizer_full.pt existed (or with it lost). DeepSpeed's ZeRO-1 engine looks for optimizer
+    # files of its own, which a ZeRO-0 checkpoint lacks; its error was reported as "remove them to start over".
+    run(data, tmp_path, "train.max_steps=1")
+    (tmp_path / "checkpoints" / checkpoints.tag_for(1) / "optimizer_full.pt").unlink(missing_ok=True)
+    with pytest.raises(checkpoints.CheckpointError, match=r"written on 1 rank\(s\) with ZeRO 0 and has no "
+                                                          r"optimizer_full\.pt to resume on 1 rank\(s\) with ZeRO 1: "
+                                                          r"resume it on 1 rank\(s\) with train\.zero_stage=0"):
+        run(data, tmp_path, "train.max_steps=2", "train.zero_stage=1")

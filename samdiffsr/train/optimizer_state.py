@@ -47,11 +47,11 @@ def _zero_partitioned(engine: Any) -> bool:
     return engine.zero_optimization_stage() in (1, 2)
 
 
-def full_state(engine: Any, named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+def full_state(engine: Any, named: Iterable[tuple[str, nn.Parameter]], keep: bool = True) -> dict[str, Any]:
     """Adam's state per parameter name, on the CPU, in the parameters' shapes (default layout).
 
-    Collective under ZeRO 1/2 (every rank calls it; every rank gets the full tensors). ``{"step": 0}``
-    alone when no update was applied yet (Adam's state is created at its first step).
+    Collective under ZeRO 1/2: every rank calls it, the ranks with ``keep`` false get no tensors back.
+    Step 0 and no tensors when no update was applied yet (Adam's state is created at its first step).
     """
     optimizer = engine.basic_optimizer
     if not optimizer.state:
@@ -63,7 +63,9 @@ def full_state(engine: Any, named: Iterable[tuple[str, nn.Parameter]]) -> dict[s
         engine.optimizer._lazy_init_hp_params_optimizer_state()  # a no-op once the first step linked them
         for name, p in named:
             for key in MOMENTS:
-                out[key][name] = safe_get_full_optimizer_state(p, key).detach().float().cpu().contiguous()
+                value = safe_get_full_optimizer_state(p, key)  # an all-reduce over the ranks
+                if keep:
+                    out[key][name] = value.detach().float().cpu().contiguous()
         steps = [state["step"] for state in optimizer.state.values()]
     else:
         steps = []

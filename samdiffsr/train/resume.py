@@ -164,7 +164,7 @@ def save(trainer: Trainer, ckpts: checkpoints.Checkpoints, run: RunState) -> Non
               "grad_scaler": trainer.update.state_dict()}
     # Adam's state by parameter name, for a resume on another number of ranks or ZeRO stage (rank 0 writes
     # it; under ZeRO 1/2 gathering it is a collective).
-    full = (optimizer_state.full_state(engine, trainable(trainer))
+    full = (optimizer_state.full_state(engine, trainable(trainer), keep=trainer.rank == 0)
             if trainer.rank == 0 or engine.zero_optimization_stage() else None)
     ckpts.save(engine, run.step, client, rng.capture_rng(trainer.generator), partial(_write_weights, trainer, run.step),
                dist.barrier, trainer.world_size, {optimizer_state.FULL_STATE: full} if trainer.rank == 0 else {})
