@@ -31,19 +31,22 @@ pytestmark = pytest.mark.slow
 TRAIN = [sys.executable, str(REPO / "launcher" / "train.py")]
 # A rank that fails alone, then waits for its peer in a collective: the peer must end it, not a timeout.
 PROBE = """
-import glob, os, sys
+import atexit, glob, os, sys
 import torch.distributed as dist
 from samdiffsr.cli import UserError, run_cli
 from samdiffsr.train.collective import init_distributed
+
+# Registered first, so it runs last: the group must already be destroyed (gloo's threads joined) by then.
+atexit.register(lambda: print(f"group left at exit: {dist.is_initialized()}", flush=True))
 
 def main():
     rank, _, _ = init_distributed()
     # Its DeepSpeed workspace is unlinked once the group exists: no later way of ending can leave it.
     mine = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ['MASTER_PORT']}_{rank}")
     print(f"workspace files after init: {len(mine)}", flush=True)
-    if rank == 1:
+    if rank == 1 and os.environ.get("FAIL_ON_RANK_1"):
         raise UserError("only rank 1 sees this")
-    dist.barrier()  # rank 0 waits for rank 1, which is gone
+    dist.barrier()  # rank 0 waits for rank 1, which may be gone
 
 sys.exit(run_cli("probe", main))
 """
@@ -54,12 +57,13 @@ def shm_files(port: int) -> list[str]:
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
-def start_ranks(cmd: list[str], port: int, world: int = 2, timeout: float = 180) -> list[subprocess.CompletedProcess]:
+def start_ranks(cmd: list[str], port: int, world: int = 2, timeout: float = 180,
+                **env: str) -> list[subprocess.CompletedProcess]:
     """``world`` processes of ``cmd`` with torchrun's variables; each one's exit status and output."""
     procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                            LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env))
              for r in range(world)]
     try:
         out = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=timeout)) for p in procs]
@@ -79,13 +83,21 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if ": error: " in line]
 
 
-def test_a_user_error_on_a_nonzero_rank_alone_is_printed_once_by_it():
+def test_the_ranks_leave_no_workspace_file_and_no_group_at_exit():
     port = free_port()
     ranks = start_ranks([sys.executable, "-c", PROBE], port, timeout=120)
+    assert [r.returncode for r in ranks] == [0, 0], [r.stderr for r in ranks]
+    assert [r.stdout.splitlines()[-2:] for r in ranks] == [["workspace files after init: 0",
+                                                             "group left at exit: False"]] * 2
+    assert shm_files(port) == [] and not any("terminate called" in r.stderr for r in ranks)
+
+
+def test_a_user_error_on_a_nonzero_rank_alone_is_printed_once_by_it():
+    port = free_port()
+    ranks = start_ranks([sys.executable, "-c", PROBE], port, timeout=120, FAIL_ON_RANK_1="1")
     assert error_lines(ranks[1].stderr) == ["probe: error: only rank 1 sees this"], ranks[1].stderr
     assert error_lines(ranks[0].stderr) == [] and "Traceback" not in ranks[0].stderr, ranks[0].stderr
     assert [r.returncode for r in ranks] == [EXIT_USAGE, EXIT_USAGE], [r.stderr for r in ranks]
-    assert [r.stdout.splitlines()[-1] for r in ranks] == ["workspace files after init: 0"] * 2
     assert shm_files(port) == []
 
 
