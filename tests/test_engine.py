@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, load_net_state, rank_env, read_losses, write_rrdb_weights, write_shards
+from train_helpers import (
+    REPO,
+    TINY,
+    load_net_state,
+    rank_env,
+    read_losses,
+    stop_after,
+    write_rrdb_weights,
+    write_shards,
+)
 
 from samdiffsr.cli import EXIT_FAILED, EXIT_USAGE
 from samdiffsr.config import ConfigError, load_config
@@ -36,16 +45,6 @@ def run(data: dict[str, str], run_dir: Path, *extra: str, config: str = "demo.ya
     argv = ["--config", str(REPO / "configs" / config), *TINY, f"data.train_shards={data['shards']}",
             "data.val_shards=", f"train.rrdb_ckpt={data['rrdb']}", f"train.run_dir={run_dir}", *extra]
     return main(argv, stop_requested=stop)
-
-
-def stop_after(n: int):
-    calls = []
-
-    def stop() -> bool:
-        calls.append(1)
-        return len(calls) >= n
-
-    return stop
 
 
 # `engine.cli` in a fresh process, as launcher/train.py runs it; then the DataLoader workers still alive.

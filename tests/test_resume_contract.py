@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, TINY, load_net_state, read_losses, write_rrdb_weights, write_shards
+from train_helpers import REPO, TINY, load_net_state, read_losses, stop_after, write_rrdb_weights, write_shards
 
 from samdiffsr.train import checkpoints
 from samdiffsr.train.engine import main
@@ -28,16 +28,6 @@ def run(data: dict[str, str], run_dir: Path, *extra: str, stop=None) -> dict:
     return main(["--config", str(REPO / "configs" / "demo.yaml"), *TINY, "data.workers=0",
                  f"data.train_shards={data['shards']}", "data.val_shards=", f"train.rrdb_ckpt={data['rrdb']}",
                  f"train.run_dir={run_dir}", *extra], stop_requested=stop)
-
-
-def stop_after(n: int):
-    calls = []
-
-    def stop() -> bool:
-        calls.append(1)
-        return len(calls) >= n
-
-    return stop
 
 
 # --- channels_last toggled across a resume (ZeRO 0) --------------------------------------------------------

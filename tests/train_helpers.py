@@ -117,3 +117,14 @@ def read_losses(run_dir: Path) -> dict[int, float]:
 def load_net_state(run_dir: Path, step: int | None = None) -> dict[str, torch.Tensor]:
     name = "latest.pt" if step is None else f"step{step:08d}.pt"
     return torch.load(run_dir / "weights" / name, map_location="cpu", weights_only=True)["model"]
+
+
+def stop_after(n: int):
+    """A ``stop_requested`` callable that asks to stop at its ``n``-th poll (after step ``n`` of this start)."""
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) >= n
+
+    return stop
