@@ -63,10 +63,12 @@ def train(data: dict[str, str], run_dir: Path, max_steps: int) -> subprocess.Com
     return subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
 
 
-# Free space left before the step-4 save: too little for DeepSpeed's model file (~600 kB), or enough for
-# DeepSpeed's files but not for the weights file (~280 kB more).
+# Free space left before the step-4 save, for each file it writes in turn: too little for DeepSpeed's model
+# file (~600 kB); enough for DeepSpeed's files but not for the rank-independent optimizer state (~290 kB
+# more); enough for both but not for the weights file (~280 kB more).
 @pytest.mark.parametrize("leave, failing", [(250_000, "checkpoints/step00000004"),
-                                            (760_000, "weights/step00000004.pt")])
+                                            (760_000, "checkpoints/step00000004/optimizer_full.pt"),
+                                            (1_050_000, "weights/step00000004.pt")])
 def test_training_on_a_full_disk_names_the_file_exits_5_and_resumes_later(data, small_disk, leave, failing):
     run_dir = small_disk / "run"
     assert train(data, run_dir, 2).returncode == 0

@@ -18,7 +18,7 @@ from PIL import Image
 
 from samdiffsr.data.reader import decode_sample, field_array, read_samples
 from samdiffsr.data.tarread import read_shard
-from samdiffsr.demo.photos import run_demo
+from samdiffsr.demo.photos import DEMO_TRAIN, DEMO_VAL, run_demo
 from samdiffsr.images import load_image
 from samdiffsr.imresize import imresize
 from samdiffsr.masks.classical import FelzenszwalbMasker
@@ -314,19 +314,21 @@ def test_help_exits_zero(capsys):
 def test_demo_builds_train_and_val(tmp_path, capsys):
     assert run_demo(tmp_path / "demo", progress=False) == 0
     printed = capsys.readouterr().out
-    assert "demo: 13 images" in printed
+    assert "demo: 37 images" in printed  # 11 training parts, 26 held-out crops
     train = samples_of(tmp_path / "demo" / "train")
-    assert len(train) == 59 and all(s["meta"]["masker"] == "felzenszwalb" for s in train)
+    assert len(train) == 42 and all(s["meta"]["masker"] == "felzenszwalb" for s in train)
     assert all(s["hr"].shape[0] > 160 and s["hr"].shape[1] > 160 for s in train)
     assert sorted(p.name for p in (tmp_path / "demo" / "train").glob("*.tar")) == [
-        f"train-{i:06d}.tar" for i in range(6)]
+        f"train-{i:06d}.tar" for i in range(5)]
     val = samples_of(tmp_path / "demo" / "val")
-    assert [s["meta"]["source"] for s in val] == ["chelsea.png", "coffee.png"]
-    # No held-out photo is in the training set, under any name (skimage's "cat" is chelsea).
+    assert sorted(s["meta"]["source"] for s in val) == sorted(
+        f"{name}-{side}.png" for name in (*DEMO_TRAIN, *DEMO_VAL) for side in ("left", "right"))
+    # No held-out crop is a training image, and the held-out photos are in no training image under any name
+    # (skimage's "cat" is chelsea); tests/test_demo.py searches the training tiles for the crops' pixels.
     images = tmp_path / "demo" / "images"
     digest = {p.name: hashlib.sha256(load_image(p).tobytes()).hexdigest() for p in images.glob("*/*.png")}
     held_out = {digest[p.name] for p in (images / "val").glob("*.png")}
-    assert len(held_out) == 2 and not held_out & {digest[p.name] for p in (images / "train").glob("*.png")}
+    assert len(held_out) == 26 and not held_out & {digest[p.name] for p in (images / "train").glob("*.png")}
     assert {s["meta"]["source"] for s in train}.isdisjoint({"chelsea.png", "coffee.png", "cat.png"})
 
 
