@@ -36,7 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "samdiffsr-make-shards=samdiffsr.demo.photos:make_shards_command",
-            "samdiffsr-train=samdiffsr.train.engine:cli",
+            "samdiffsr-train=samdiffsr.train.engine:process_main",
             "samdiffsr-submit=samdiffsr.cluster.submit:main",
             "samdiffsr-benchmark=samdiffsr.evaluation.benchmark_cli:main",
             "samdiffsr-infer=samdiffsr.evaluation.infer_cli:main",

@@ -16,7 +16,9 @@ _ds_setup() {
   else
     echo "device_setup: no wheels in $whl (carry .whl); using what is installed" >&2
   fi
-  mkdir -p /tmp/bin && ln -sf "$py" /tmp/bin/python
+  # A wrapper, not a symlink: a venv's python finds its pyvenv.cfg (and torch) beside the path it was run by.
+  mkdir -p /tmp/bin && rm -f /tmp/bin/python && printf '#!/bin/sh\nexec %s "$@"\n' "$py" >/tmp/bin/python &&
+    chmod +x /tmp/bin/python
   export PATH="$site/bin:/tmp/bin:$PATH"
   export PYTHONPATH="$site:$_ds_repo${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1

@@ -13,6 +13,12 @@ from the reference by reassociation, and Adam turns a noise-sized gradient's rou
 weight. GPU_TOLERANCES are CPU's (tests/test_training_matrix.py TOLERANCES, measured there bit-near for ZeRO 0)
 widened for that: fp32 x10, bf16 / fp16 x2 in grad norm and update. Every bug the matrix is for stays far
 outside: a wrong lr at the decay boundary moves the update by ~0.33, clipping loss-scaled gradients by ~1.
+fp16's grad-norm tolerance is 5e-3, not CPU's x2: on an H200 (2026-12-04) fp16 ZeRO 0 with accumulation 3 came
+out at 1.6e-3, and so did the informational fp32+TF32 row with accumulation 3, which shares fp16's 10-bit
+mantissa (eps 9.8e-4), while accumulation 1 gave 1.2e-6 and 6.6e-6 and fp32 without TF32 9.5e-8. The likely
+cause (not proven: no second GPU run) is that the two processes ran different cuDNN kernels for micro-batches
+of 2, and a 10-bit rounding then shows; a bug would not spare the fp32 row. 5e-3 is bf16's 4e-2 scaled by
+the mantissas (2^-10 / 2^-7); a loss-scaled clip stays ~1 away.
 
     python bench/gpu_matrix.py --work /tmp/w                          # CUDA
     python bench/gpu_matrix.py --work /tmp/w --device cpu --accums 1  # smoke (bench/gpu.sh SMOKE=1)
@@ -31,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_TOLERANCES = {
     "fp32": {"loss": 1e-5, "grad_norm": 2e-4, "update": 5e-4},
     "bf16": {"loss": 1e-3, "grad_norm": 4e-2, "update": 0.1},
-    "fp16": {"loss": 1e-4, "grad_norm": 4e-4, "update": 1e-2},
+    "fp16": {"loss": 1e-4, "grad_norm": 5e-3, "update": 1e-2},
 }
 
 

@@ -4,7 +4,7 @@ Also under `torchrun --nproc_per_node N` or `deepspeed --num_gpus N` (DS_ACCELER
 the `--local_rank` the deepspeed launcher passes is accepted. See samdiffsr/train/engine.py and docs/training.md.
 """
 
-from samdiffsr.train.engine import cli
+from samdiffsr.train.engine import process_main
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    process_main()

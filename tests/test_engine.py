@@ -47,7 +47,7 @@ def run(data: dict[str, str], run_dir: Path, *extra: str, config: str = "demo.ya
     return main(argv, stop_requested=stop)
 
 
-# `engine.cli` in a fresh process, as launcher/train.py runs it; then the DataLoader workers still alive.
+# `engine.cli` in a fresh process, as launcher/train.py runs it (process_main); then the DataLoader workers alive.
 PROBE = """
 import multiprocessing
 from samdiffsr.train.engine import cli

@@ -34,9 +34,9 @@ PROBE = """
 import atexit, glob, os, sys
 import torch.distributed as dist
 from samdiffsr.cli import UserError, run_cli
-from samdiffsr.train.collective import init_distributed
+from samdiffsr.train.collective import exit_process, init_distributed
 
-# Registered first, so it runs last: the group must already be destroyed (gloo's threads joined) by then.
+# Registered first, so it runs last: the group must already be destroyed by then.
 atexit.register(lambda: print(f"group left at exit: {dist.is_initialized()}", flush=True))
 
 def main():
@@ -48,7 +48,7 @@ def main():
         raise UserError("only rank 1 sees this")
     dist.barrier()  # rank 0 waits for rank 1, which may be gone
 
-sys.exit(run_cli("probe", main))
+exit_process(run_cli("probe", main))  # as a training process ends (samdiffsr.train.engine.process_main)
 """
 
 

@@ -22,7 +22,7 @@ from samdiffsr.data.pairs import load_val_images
 from samdiffsr.data.stream import TrainStream
 from samdiffsr.train import checkpoints
 from samdiffsr.train.build import build_ema, build_trainer
-from samdiffsr.train.collective import agree, init_distributed
+from samdiffsr.train.collective import agree, exit_process, init_distributed
 from samdiffsr.train.logs import RunLog, train_log
 from samdiffsr.train.loop import train_loop
 from samdiffsr.train.resume import RunState, resume, resume_points
@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None, stop_requested: Callable[[], bool] | Non
 def cli() -> int:
     """Console-script entry point: 0 on success; a user error is one line by rank 0 and exit 2 (samdiffsr.cli)."""
     return run_cli("train", train_until_signalled)
+
+
+def process_main() -> None:
+    """A training process's entry point (launcher/train.py, ``python -m samdiffsr.train``, samdiffsr-train):
+    `cli`, then the process ends with its status (`samdiffsr.train.collective.exit_process` says why so)."""
+    exit_process(cli())
 
 
 def train_until_signalled() -> int:
