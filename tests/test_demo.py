@@ -84,6 +84,10 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert value == pytest.approx(mean, abs=6e-4 if unit else 6e-5) and low <= value <= high and low < high
         above.append(low > 0)
     assert any(line.startswith(f"SAM-DiffSR {best} - RRDB alone: PSNR-Y ") for line in lines)
+    # Which recipe it trained with: in demo.md, and printed before the diffusion stage with its config's name.
+    recipe = next(line for line in lines if line.startswith("recipe: "))
+    assert recipe.startswith("recipe: 6 steps, batch 4 of 32-pixel patches, lr ") and "; levers: " in recipe
+    assert f"demo.yaml {recipe}" in proc.stdout
     expected = ("training beats bicubic" if all(above) else "training has not beaten bicubic in both metrics yet")
     assert [line for line in proc.stdout.splitlines() if line.startswith("training ")] == [
         next(line for line in lines if line.startswith(expected))]
@@ -136,3 +140,19 @@ def test_held_out_crops_lie_beyond_a_margin_below_the_training_part():
             assert crops[key].shape == (HELD_OUT_CROP, HELD_OUT_CROP, 3)
             assert np.array_equal(crops[key], photo[top:top + HELD_OUT_CROP, left:left + HELD_OUT_CROP])
             assert crops[key].std() > 10, f"{key} is nearly flat"
+
+
+def test_the_recipe_line_names_every_lever_that_is_on():
+    from samdiffsr.config import load_config
+    from samdiffsr.demo.report import recipe
+
+    plain = load_config(REPO / "configs" / "demo.yaml", ["train.timestep_sampling=uniform", "train.snr_gamma=0",
+                                                         "train.ema_warmup_power=0", "optim.warmup_steps=0"])
+    assert recipe(plain) == ("recipe: 900 steps, batch 16 of 48-pixel patches, lr 0.001 (x0.5 every 450 steps), "
+                             "EMA 0.99; levers: none (docs/training.md)")
+    every = load_config(REPO / "configs" / "demo.yaml", [
+        "train.timestep_sampling=low_noise", "train.timestep_power=2", "train.snr_gamma=5",
+        "train.ema_warmup_power=0.75", "optim.warmup_steps=100", "optim.decay_gamma=1"])
+    assert recipe(every).endswith("lr 0.001 (constant), EMA 0.99; levers: low-noise timestep sampling (k = 2), "
+                                  "Min-SNR weighting (gamma = 5), EMA warm-up (power 0.75), lr warm-up (100 "
+                                  "steps) (docs/training.md)")

@@ -94,6 +94,8 @@ def launch(config: Path, overrides: list[str], ranks: int, run_dir: Path) -> Non
 
 def run_demo(settings: DemoSettings) -> Path:
     """Run every stage; returns the benchmark output folder."""
+    from samdiffsr.config import load_config
+    from samdiffsr.demo import report
     from samdiffsr.demo.photos import run_demo as make_demo_shards
     from samdiffsr.evaluation.benchmark_cli import main as benchmark_main
 
@@ -115,6 +117,7 @@ def run_demo(settings: DemoSettings) -> Path:
     _banner("3/5 SAM-DiffSR: modulated-diffusion training on the frozen RRDB, data-parallel")
     rrdb_weights = rrdb_run / "weights" / "latest.pt"
     sr = [*data, f"train.rrdb_ckpt={rrdb_weights}", *settings.stage_overrides(settings.steps)]
+    print(f"{sr_config.name} {report.recipe(load_config(sr_config, sr))}", flush=True)
     launch(sr_config, sr, settings.ranks, sr_run)
 
     # The paper's 100-step chain on whole photos takes minutes per image on a CPU; the demo samples with
@@ -177,7 +180,7 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
                                  (f"{label} ({sampler})", scores[best])])
     vs_bicubic = report.paired_differences(per_image[best], per_image["bicubic"])
     vs_rrdb = report.paired_differences(per_image[best], per_image["rrdb"])
-    lines = [report.difference_line(label, "bicubic", vs_bicubic),
+    lines = [report.recipe(load_config(sr_run / "config.yaml")), report.difference_line(label, "bicubic", vs_bicubic),
              report.difference_line(label, "RRDB alone", vs_rrdb), report.verdict(vs_bicubic)]
     text = table + "\n\n" + "\n".join(lines)
     (out / "demo.md").write_text(text + "\n")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samdiffsr.config import Config
 from samdiffsr.data.pairs import Pair
 from samdiffsr.evaluation.metrics import pixel_metrics
 from samdiffsr.evaluation.stats import PairedDifference, bootstrap_mean, format_difference
@@ -94,6 +95,25 @@ def difference_line(name: str, baseline: str, diffs: dict[str, PairedDifference]
     images = next(iter(diffs.values())).images
     figures = ", ".join(f"{METRIC_NAMES[m]} {format_difference(m, d)}" for m, d in diffs.items())
     return f"{name} - {baseline}: {figures} (mean over {images} held-out images, 95% bootstrap interval)"
+
+
+def recipe(cfg: Config) -> str:
+    """The diffusion recipe in one line: what the demo trained with, convergence levers on and off."""
+    t, o = cfg.train, cfg.optim
+    decay = (f"x{o.decay_gamma:g} every {o.decay_steps} steps" if o.decay_steps and o.decay_gamma != 1
+             else "constant")
+    levers = []
+    if t.timestep_sampling == "low_noise":
+        levers.append(f"low-noise timestep sampling (k = {t.timestep_power:g})")
+    if t.snr_gamma:
+        levers.append(f"Min-SNR weighting (gamma = {t.snr_gamma:g})")
+    if t.ema_warmup_power:
+        levers.append(f"EMA warm-up (power {t.ema_warmup_power:g})")
+    if o.warmup_steps:
+        levers.append(f"lr warm-up ({o.warmup_steps} steps)")
+    ema = f"EMA {t.ema_decay:g}" if t.ema_decay else "no EMA"
+    return (f"recipe: {t.max_steps} steps, batch {t.batch_size} of {cfg.data.patch_size}-pixel patches, lr "
+            f"{o.lr:g} ({decay}), {ema}; levers: {', '.join(levers) or 'none'} (docs/training.md)")
 
 
 def verdict(vs_bicubic: dict[str, PairedDifference]) -> str:
