@@ -193,7 +193,7 @@ def summarize(sr_run: Path, rrdb_weights: Path, val: Path, out: Path, sampler: s
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="train longer (configs/demo*_long.yaml): under an "
-                        "hour on 2 CPU cores instead of about 12 minutes (default: the short demo)")
+                        "hour on 2 CPU cores instead of about 10 minutes (default: the short demo)")
     parser.add_argument("--workdir", default="runs", help="where the demo's runs go (default: runs/)")
     parser.add_argument("--shards", default="shards/demo", help="where the demo shards go (default: shards/demo)")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel processes, GPUs or CPU ranks "
