@@ -19,7 +19,7 @@ import torch.distributed as dist
 from samdiffsr.config import load_config
 from samdiffsr.train import checkpoints
 from samdiffsr.train.build import build_ema, build_trainer
-from samdiffsr.train.collective import gather, init_distributed
+from samdiffsr.train.collective import exit_process, gather, init_distributed
 from samdiffsr.train.optimizer_state import full_state
 from samdiffsr.train.resume import resume, resume_points, trainable
 from samdiffsr.train.schedule import lr_at
@@ -55,3 +55,4 @@ def main(args: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # as a training process ends (samdiffsr.train.engine.process_main): no teardown abort

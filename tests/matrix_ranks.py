@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import matrix_reference as matrix  # noqa: E402  (tests/ is not a package)
 
-from samdiffsr.train.collective import init_distributed  # noqa: E402
+from samdiffsr.train.collective import exit_process, init_distributed  # noqa: E402
 
 
 def parse_case(text: str) -> tuple[str, int, int, int]:
@@ -38,3 +38,4 @@ def main(out: str, rrdb: str, *cases: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)  # as a training process ends (samdiffsr.train.engine.process_main): no teardown abort

@@ -56,7 +56,9 @@ def case_overrides(case: tuple[str, int, int, int], rrdb: str, *extra: str) -> l
             f"train.zero_stage={zero}", f"train.grad_accum={accum}", f"train.batch_size={GLOBAL_BATCH}",
             f"data.patch_size={PATCH}", f"optim.lr={LR}", f"optim.decay_gamma={GAMMA}",
             f"optim.decay_steps={DECAY_STEPS}", f"optim.grad_clip={CLIP}", "train.log_every=1",
-            f"train.max_steps={STEPS}", "train.ckpt_every=1000", "train.ema_decay=0.0", *extra]
+            f"train.max_steps={STEPS}", "train.ckpt_every=1000", "train.ema_decay=0.0",
+            # The reference trains the paper's objective (uniform t, unweighted loss), whatever demo.yaml turns on.
+            "train.timestep_sampling=uniform", "train.snr_gamma=0", "optim.warmup_steps=0", *extra]
 
 
 def case_config(case: tuple[str, int, int, int], rrdb: str, *extra: str) -> Config:
